@@ -1,0 +1,9 @@
+"""The one exception type for bad user input.
+
+Stages catch it at the edge, print ``error: <message>`` as a single line and exit
+with status 2. Messages say what is wrong and how to fix it.
+"""
+
+
+class UserError(Exception):
+    pass

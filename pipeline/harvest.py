@@ -1,0 +1,251 @@
+"""Run the target model over a corpus and write MLP activations to a store.
+
+The unit of work is one chunk: the ``chunk_rows // (ctx-1)`` sequences whose
+rows fill it, run as one batch, up to the last layer still missing in that
+chunk and no further (a hook raises to stop the forward, so no later block
+and no unembedding runs). Chunks are dealt to shards round-robin; a chunk is
+skipped when its completion record exists, so a killed run resumes where it
+stopped and a grown run computes only what is new.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import corpora
+from pipeline.errors import UserError
+from pipeline.models import HOOKS, LoadedLM, load_lm
+from pipeline.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, chunk_rows_for, StoreWriter, canonical_hash, meta_lock, writer_lock
+from pipeline.tokens import DEFAULT_CTX, TokenTable, pack
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0-3' -> [0, 1, 2, 3]; '0,2,5-6' -> [0, 2, 5, 6]."""
+    layers: set[int] = set()
+    for part in str(text).replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise UserError(f"LAYERS='{text}' is malformed; write a range or list such as 0-3 or 0,2,5-7")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    lm: str = "smollm2-135m"
+    data: str = "bbc"
+    split: str = "train"
+    layers: tuple[int, ...] = (0, 1, 2, 3)
+    tokens: int = 200_000
+    ctx: int = DEFAULT_CTX
+    dtype: str = "float16"
+    compressor: str = "none"
+    data_dir: Path = Path("data")
+    store: str | None = None  # a path or fsspec URL overriding the default location
+    shard: int = 0
+    n_shards: int = 1
+    text_field: str = "text"
+    chunk_rows: int = TARGET_CHUNK_ROWS  # rounded down to whole sequences
+
+    def __post_init__(self):
+        if self.tokens <= 0:
+            raise UserError(f"TOKENS={self.tokens} must be a positive number of tokens, e.g. TOKENS=200000")
+        if self.ctx < 2:
+            raise UserError(f"CTX={self.ctx} must be at least 2")
+        if self.dtype not in DTYPES:
+            raise UserError(f"DTYPE={self.dtype} is not one of {', '.join(DTYPES)}")
+        if self.compressor not in COMPRESSORS:
+            raise UserError(f"COMPRESSOR={self.compressor} is not one of {', '.join(COMPRESSORS)}")
+        if self.split not in corpora.SPLITS:
+            raise UserError(f"SPLIT={self.split} is not one of {', '.join(corpora.SPLITS)}")
+        if not (self.n_shards >= 1 and 0 <= self.shard < self.n_shards):
+            raise UserError(f"shard {self.shard} of {self.n_shards} is out of range; shards are numbered 0..SHARDS-1")
+        if self.chunk_rows < self.ctx - 1:
+            raise UserError(f"CHUNK_ROWS={self.chunk_rows} must hold at least one sequence (CTX-1 = {self.ctx - 1} rows)")
+        if not self.layers:
+            raise UserError("LAYERS is empty; give at least one layer, e.g. LAYERS=0-3")
+
+    @property
+    def location(self) -> str:
+        return self.store or str(store_path(self.data_dir, self.lm, self.data, self.split, self.ctx))
+
+
+def store_path(data_dir: Path, lm: str, data: str, split: str, ctx: int) -> Path:
+    return Path(data_dir) / "harvest" / lm.replace("/", "__") / corpora.store_name(data) / f"{split}-ctx{ctx}.zarr"
+
+
+def token_table(lm: LoadedLM, data: str, split: str, ctx: int, n_rows: int | None, text_field: str = "text") -> TokenTable:
+    docs = corpora.documents(data, split, text_field)
+    return pack(lm.tokenizer, docs, ctx, lm.bos_token_id, lm.separator_token_id, n_rows,
+                what=f"the {split} split of DATA={data}")
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture(lm: LoadedLM, ids: torch.Tensor, wanted: dict[int, tuple[str, ...]]) -> dict[tuple[int, str], torch.Tensor]:
+    """Run ``ids`` through the model and return the wanted hook activations.
+
+    The forward is cut right after the last layer's ``hook_mlp_out``, which
+    fires after everything else that layer computes.
+    """
+    last = max(wanted)
+    stop_name = lm.hook_name(last, "mlp_out")
+    out: dict[tuple[int, str], torch.Tensor] = {}
+
+    def grabber(key, stops):
+        def grab(t, hook=None):
+            out[key] = t.detach()
+            if stops:
+                raise _StopForward
+        return grab
+
+    hooks = [(lm.hook_name(layer, h), grabber((layer, h), False))
+             for layer, names in wanted.items() for h in names if lm.hook_name(layer, h) != stop_name]
+    hooks.append((stop_name, grabber((last, "mlp_out"), True)))
+    try:
+        with torch.inference_mode():
+            lm.bridge.run_with_hooks(ids, fwd_hooks=hooks)
+    except _StopForward:
+        pass
+    return out
+
+
+@dataclass
+class HarvestSummary:
+    location: str
+    n_rows: int
+    computed_chunks: dict[int, int] = field(default_factory=dict)  # layer -> chunks computed by this run
+    complete_layers: list[int] = field(default_factory=list)
+    tokens_computed: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.tokens_computed / self.seconds if self.seconds else 0.0
+        return (f"harvest: {self.n_rows:,} rows, layers {self.complete_layers} complete, "
+                f"{sum(self.computed_chunks.values())} layer-chunks computed, "
+                f"{self.bytes_written / 1e9:.2f} GB written, {rate:,.0f} tokens/s -> {self.location}")
+
+
+class _ChunkWriter:
+    """Writes chunks on a background thread so disk I/O overlaps the forward."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 2):
+        self.writer = writer
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_chunk(*item)
+                except BaseException as e:  # re-raised on the main thread
+                    self.error = e
+
+    def put(self, layer: int, chunk: int, values: dict[str, np.ndarray]):
+        self._raise()
+        self.q.put((layer, chunk, values))
+
+    def close(self):
+        self.q.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+
+def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
+    t0 = time.perf_counter()
+    layers = sorted(set(cfg.layers))
+    lm = load_lm(cfg.lm, cfg.data_dir)
+    lm.check_layers(layers)
+    per_seq = cfg.ctx - 1
+    n_rows = -(-cfg.tokens // per_seq) * per_seq
+    table = token_table(lm, cfg.data, cfg.split, cfg.ctx, n_rows, cfg.text_field)
+    identity = {
+        "lm": cfg.lm,
+        "lm_weights_sha256": lm.weights_sha256,
+        "data": cfg.data,
+        "split": cfg.split,
+        "ctx": cfg.ctx,
+        "bos_token_id": lm.bos_token_id,
+        "separator_token_id": lm.separator_token_id,
+        "dtype": cfg.dtype,
+        "compressor": cfg.compressor,
+        "chunk_rows": chunk_rows_for(cfg.ctx, cfg.chunk_rows),
+    }
+    hooks = {h: HOOKS[h] for h in lm.hooks}
+    root = Root(cfg.location)
+    _check_writable(root)
+    writer = StoreWriter(cfg.location, identity, hooks, lm.d_model, lm.n_layers, lm.d_mlp)
+    run_id = canonical_hash({"identity": identity, "layers": layers, "n_rows": n_rows})
+    summary = HarvestSummary(cfg.location, n_rows)
+    np_dtype = np.dtype(cfg.dtype)
+    with writer_lock(root, run_id, cfg.shard, cfg.n_shards):
+        with meta_lock(root):
+            writer.prepare(n_rows, layers, table.rows())
+        seqs_per_chunk = writer.chunk_rows // per_seq
+        todo = []
+        for c in range(cfg.shard, writer.n_chunks, cfg.n_shards):
+            missing = [l for l in layers if not writer.chunk_done(l, c)]
+            if missing:
+                todo.append((c, missing))
+        total_rows = sum(min(writer.chunk_rows, n_rows - c * writer.chunk_rows) for c, _ in todo)
+        bar = _progress(total_rows, progress, f"harvest {cfg.lm} L{layers[0]}-{layers[-1]}"
+                        + (f" shard {cfg.shard}/{cfg.n_shards}" if cfg.n_shards > 1 else ""))
+        chunk_writer = _ChunkWriter(writer)
+        try:
+            for c, missing in todo:
+                ids = torch.from_numpy(table.ids[c * seqs_per_chunk : (c + 1) * seqs_per_chunk]).long()
+                acts = capture(lm, ids, {l: tuple(hooks) for l in missing})
+                for layer in missing:
+                    values = {h: acts[(layer, h)][:, 1:].reshape(-1, lm.d_model).float().numpy().astype(np_dtype)
+                              for h in hooks}
+                    chunk_writer.put(layer, c, values)
+                    summary.computed_chunks[layer] = summary.computed_chunks.get(layer, 0) + 1
+                    summary.bytes_written += sum(v.nbytes for v in values.values())
+                rows = ids.shape[0] * per_seq
+                summary.tokens_computed += rows
+                bar.update(rows)
+        finally:
+            chunk_writer.close()
+            bar.close()
+        with meta_lock(root):
+            summary.complete_layers = writer.finalize()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_writable(root: Root) -> None:
+    if not root.local:
+        return
+    probe = Path(root.path)
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write to {probe} (needed for {root.path}); choose a writable DATA_DIR")
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not enabled or total == 0,
+                dynamic_ncols=True, smoothing=0.1)

@@ -1,0 +1,61 @@
+"""`nnd harvest`: write MLP input/output activations of a model to a zarr store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from pipeline.errors import UserError
+from pipeline.harvest import HarvestConfig, harvest as run_harvest, parse_layers
+from stages.common import stage
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard '{text}' must look like I/N, e.g. 0/4") from None
+    return i, n
+
+
+@stage
+def harvest(
+    lm: str = typer.Option("smollm2-135m", help="bundled model name or Hugging Face id"),
+    data: str = typer.Option("bbc", help="bundled corpus, local .txt/.jsonl/.parquet path, or HF dataset id"),
+    layers: str = typer.Option("0-3", help="layers, e.g. 0-3 or 0,2,5-7"),
+    tokens: int = typer.Option(200_000, help="tokens (rows) to store, rounded up to whole sequences"),
+    ctx: int = typer.Option(128, help="context length in tokens, BOS included"),
+    split: str = typer.Option("train", help="train or eval"),
+    dtype: str = typer.Option("float16", help="float16 or float32"),
+    compressor: str = typer.Option("none", help="none or zstd"),
+    data_dir: Path = typer.Option(Path("data"), help="root of all stage outputs"),
+    store: str = typer.Option(None, help="store location (path or fsspec URL) instead of the default under DATA_DIR"),
+    shards: int = typer.Option(1, help="run this many local processes, each writing a disjoint part"),
+    shard: str = typer.Option(None, help="run only shard I of N (I/N), e.g. one per machine on a shared filesystem"),
+    text_field: str = typer.Option("text", help="text column of jsonl/parquet/HF data"),
+    chunk_rows: int = typer.Option(8192, help="rows per chunk, rounded down to whole sequences"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+):
+    """Harvest MLP activations into data/harvest/<lm>/<data>/<split>-ctx<ctx>.zarr."""
+    base = dict(lm=lm, data=data, split=split, layers=tuple(parse_layers(layers)), tokens=tokens, ctx=ctx,
+                dtype=dtype, compressor=compressor, data_dir=data_dir, store=store, text_field=text_field,
+                chunk_rows=chunk_rows)
+    if shard is not None:
+        i, n = _parse_shard(shard)
+        summary = run_harvest(HarvestConfig(**base, shard=i, n_shards=n), progress=progress)
+        print(summary.line())
+        return
+    if shards > 1:
+        HarvestConfig(**base, shard=0, n_shards=shards)  # validate before spawning
+        argv = [a for a in sys.argv[1:] if not a.startswith("--shards")]
+        procs = [subprocess.Popen([sys.executable, "-m", "stages.cli", *argv, "--shard", f"{i}/{shards}"])
+                 for i in range(shards)]
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            raise typer.Exit(max(codes))
+        return
+    summary = run_harvest(HarvestConfig(**base), progress=progress)
+    print(summary.line())
