@@ -20,6 +20,7 @@ CTX         ?= 128#           context length (BOS included)
 SHARDS      ?= 1#             harvest processes writing disjoint parts of one store
 DTYPE       ?= float16#       activation dtype in the store: float16 | float32
 COMPRESSOR  ?= none#          store compressor: none | zstd
+CHUNK_ROWS  ?= 8192#          rows per store chunk (rounded down to whole sequences)
 DATA_DIR    ?= data#          root of every stage output
 MODEL       ?= topk#          dictionary variant(s): vanilla | topk | batchtopk | jumprelu | clt (comma list)
 K           ?= 32#            sparsity: k for topk/batchtopk/clt, target L0 for vanilla/jumprelu (comma list = sweep)
@@ -38,7 +39,7 @@ NND    := $(VENV)/bin/nnd
 INSTALLED := $(VENV)/.installed
 
 # strip the trailing comments' spaces from the variables above
-strip_vars = LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR DATA_DIR MODEL K KIND LATENTS LR SEED WANDB EVAL_TOKENS CKPT
+strip_vars = LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR CHUNK_ROWS DATA_DIR MODEL K KIND LATENTS LR SEED WANDB EVAL_TOKENS CKPT
 $(foreach v,$(strip_vars),$(eval $(v) := $(strip $($(v)))))
 
 LM_DIR   := $(subst /,__,$(LM))
@@ -77,7 +78,7 @@ test: $(INSTALLED) ## run the test suite
 
 # ---- harvest --------------------------------------------------------------------
 HARVEST_BASE  := $(STAMPS)/harvest/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)
-HARVEST_PARAMS := layers=$(LAYERS) tokens=$(TOKENS) dtype=$(DTYPE) compressor=$(COMPRESSOR)
+HARVEST_PARAMS := layers=$(LAYERS) tokens=$(TOKENS) dtype=$(DTYPE) compressor=$(COMPRESSOR) chunk_rows=$(CHUNK_ROWS)
 HARVEST_STAMP := $(HARVEST_BASE).params
 HARVEST_DONE  := $(HARVEST_BASE).done
 $(call stamp,$(HARVEST_STAMP),$(HARVEST_PARAMS))
@@ -86,7 +87,7 @@ harvest: $(HARVEST_DONE) ## harvest MLP activations: LM DATA LAYERS TOKENS CTX S
 
 $(HARVEST_DONE): $(HARVEST_STAMP) | $(INSTALLED)
 	$(NND) harvest --lm $(LM) --data $(DATA) --layers $(LAYERS) --tokens $(TOKENS) --ctx $(CTX) \
-	  --dtype $(DTYPE) --compressor $(COMPRESSOR) --shards $(SHARDS) --data-dir $(DATA_DIR)
+	  --dtype $(DTYPE) --compressor $(COMPRESSOR) --chunk-rows $(CHUNK_ROWS) --shards $(SHARDS) --data-dir $(DATA_DIR)
 	touch $@
 
 demo: $(INSTALLED) ## the default pipeline on the bundled model and corpus, small budget

@@ -10,6 +10,7 @@ stopped and a grown run computes only what is new.
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import threading
@@ -238,9 +239,7 @@ def _check_writable(root: Root) -> None:
     probe = Path(root.path)
     while not probe.exists():
         probe = probe.parent
-    import os
-
-    if not os.access(probe, os.W_OK):
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise UserError(f"cannot write to {probe} (needed for {root.path}); choose a writable DATA_DIR")
 
 

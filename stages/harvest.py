@@ -50,7 +50,11 @@ def harvest(
         return
     if shards > 1:
         HarvestConfig(**base, shard=0, n_shards=shards)  # validate before spawning
-        argv = [a for a in sys.argv[1:] if not a.startswith("--shards")]
+        argv = ["harvest", "--lm", lm, "--data", data, "--layers", layers, "--tokens", str(tokens), "--ctx", str(ctx),
+                "--split", split, "--dtype", dtype, "--compressor", compressor, "--data-dir", str(data_dir),
+                "--text-field", text_field, "--chunk-rows", str(chunk_rows), "--progress" if progress else "--no-progress"]
+        if store:
+            argv += ["--store", store]
         procs = [subprocess.Popen([sys.executable, "-m", "stages.cli", *argv, "--shard", f"{i}/{shards}"])
                  for i in range(shards)]
         codes = [p.wait() for p in procs]
