@@ -24,7 +24,7 @@ import torch
 from pipeline import corpora
 from pipeline.errors import UserError
 from pipeline.models import HOOKS, LoadedLM, load_lm
-from pipeline.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, chunk_rows_for, StoreWriter, canonical_hash, meta_lock, writer_lock
+from pipeline.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, StoreWriter, check_finite, chunk_rows_for, canonical_hash, meta_lock, writer_lock
 from pipeline.tokens import DEFAULT_CTX, TokenTable, pack
 
 
@@ -90,6 +90,9 @@ def token_table(lm: LoadedLM, data: str, split: str, ctx: int, n_rows: int | Non
                 what=f"the {split} split of DATA={data}")
 
 
+FP16_MAX = 65504.0
+
+
 class _StopForward(Exception):
     pass
 
@@ -130,7 +133,8 @@ class HarvestSummary:
     complete_layers: list[int] = field(default_factory=list)
     tokens_computed: int = 0
     bytes_written: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # end to end, model load and tokenisation included
+    loop_seconds: float = 0.0  # forward passes and writes only
 
     def line(self) -> str:
         rate = self.tokens_computed / self.seconds if self.seconds else 0.0
@@ -197,7 +201,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
     writer = StoreWriter(cfg.location, identity, hooks, lm.d_model, lm.n_layers, lm.d_mlp)
     run_id = canonical_hash({"identity": identity, "layers": layers, "n_rows": n_rows})
     summary = HarvestSummary(cfg.location, n_rows)
-    np_dtype = np.dtype(cfg.dtype)
+    torch_dtype = getattr(torch, cfg.dtype)
     with writer_lock(root, run_id, cfg.shard, cfg.n_shards):
         with meta_lock(root):
             writer.prepare(n_rows, layers, table.rows())
@@ -211,13 +215,18 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
         bar = _progress(total_rows, progress, f"harvest {cfg.lm} L{layers[0]}-{layers[-1]}"
                         + (f" shard {cfg.shard}/{cfg.n_shards}" if cfg.n_shards > 1 else ""))
         chunk_writer = _ChunkWriter(writer)
+        t_loop = time.perf_counter()
         try:
             for c, missing in todo:
                 ids = torch.from_numpy(table.ids[c * seqs_per_chunk : (c + 1) * seqs_per_chunk]).long()
                 acts = capture(lm, ids, {l: tuple(hooks) for l in missing})
                 for layer in missing:
-                    values = {h: acts[(layer, h)][:, 1:].reshape(-1, lm.d_model).float().numpy().astype(np_dtype)
-                              for h in hooks}
+                    values = {}
+                    for h in hooks:
+                        x = acts[(layer, h)][:, 1:].reshape(-1, lm.d_model)
+                        if cfg.dtype == "float16" and not bool(x.abs().max() <= FP16_MAX):
+                            check_finite(x.float().numpy(), layer, h, c, cfg.dtype)  # names the problem
+                        values[h] = x.to(torch_dtype).numpy()
                     chunk_writer.put(layer, c, values)
                     summary.computed_chunks[layer] = summary.computed_chunks.get(layer, 0) + 1
                     summary.bytes_written += sum(v.nbytes for v in values.values())
@@ -227,6 +236,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
         finally:
             chunk_writer.close()
             bar.close()
+        summary.loop_seconds = time.perf_counter() - t_loop
         with meta_lock(root):
             summary.complete_layers = writer.finalize()
     summary.seconds = time.perf_counter() - t0

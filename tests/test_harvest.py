@@ -59,8 +59,8 @@ def test_tiny_store_layout_values_and_stats(data_dir):
 
     stored = st.array(0, "mlp_out")[:].astype(np.float64)
     stats = st.stats(0, "mlp_out")
-    np.testing.assert_allclose(stats["mean"], stored.mean(0), rtol=1e-9, atol=1e-12)
-    assert stats["mean_sq_norm"] == pytest.approx((stored ** 2).sum(1).mean(), rel=1e-9)
+    np.testing.assert_allclose(stats["mean"], stored.mean(0), rtol=1e-5, atol=1e-6)
+    assert stats["mean_sq_norm"] == pytest.approx((stored ** 2).sum(1).mean(), rel=1e-5)
     assert stats["n"] == st.n_rows
 
 
@@ -194,6 +194,10 @@ def test_non_finite_activations_fail_loudly(data_dir):
     bad[2, 1] = np.inf
     with pytest.raises(UserError, match="layer 5 mlp_out, chunk 7.*float32"):
         check_finite(bad, 5, "mlp_out", 7, "float16")
+    too_big = np.full((2, 2), 1e6, dtype=np.float32)  # fits fp32, overflows fp16
+    with pytest.raises(UserError, match="overflow float16"):
+        check_finite(too_big, 0, "mlp_in", 0, "float16")
+    check_finite(too_big, 0, "mlp_in", 0, "float32")
 
 
 def test_parse_layers():
