@@ -29,8 +29,10 @@ LATENTS     ?= #              dictionary width (default 8 x d_model)
 LR          ?= #              learning rate (default: per variant, see README)
 SEED        ?= 0#             seed for everything random
 WANDB       ?= offline#       offline | online | disabled
-EVAL_TOKENS ?= 16384#         held-out tokens for evaluation
-CKPT        ?= #              checkpoint directory for `make evaluate`
+EVAL_TOKENS ?= 4096#          held-out tokens (eval split) for evaluate / pareto
+CKPT        ?= #              checkpoint directory (or folder of per-layer ones) for `make evaluate`
+PARETO_MODELS ?= vanilla,topk,batchtopk,jumprelu# transcoder variants compared by `make pareto`
+PARETO_K    ?= 8,16,32,64#    K sweep of `make pareto` (transcoders, CLT and neuron baseline)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -39,7 +41,7 @@ NND    := $(VENV)/bin/nnd
 INSTALLED := $(VENV)/.installed
 
 # strip the trailing comments' spaces from the variables above
-strip_vars = LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR CHUNK_ROWS DATA_DIR MODEL K KIND LATENTS LR SEED WANDB EVAL_TOKENS CKPT
+strip_vars = LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR CHUNK_ROWS DATA_DIR MODEL K KIND LATENTS LR SEED WANDB EVAL_TOKENS CKPT PARETO_MODELS PARETO_K
 $(foreach v,$(strip_vars),$(eval $(v) := $(strip $($(v)))))
 
 LM_DIR   := $(subst /,__,$(LM))
@@ -50,7 +52,7 @@ STAMPS   := $(DATA_DIR)/stamps
 # parse time, so the stamp's mtime moves only when parameters change.
 stamp = $(shell mkdir -p $(dir $(1)) && { [ "$$(cat $(1) 2>/dev/null)" = "$(2)" ] || printf '%s' "$(2)" > $(1); })
 
-.PHONY: help install demo test harvest train evaluate report pareto bench clean-data
+.PHONY: help install demo test harvest train evaluate report pareto clean-data
 
 help: ## list targets and variables
 	@echo "nn-decompositions: make <target> [VAR=value ...]"
@@ -90,10 +92,82 @@ $(HARVEST_DONE): $(HARVEST_STAMP) | $(INSTALLED)
 	  --dtype $(DTYPE) --compressor $(COMPRESSOR) --chunk-rows $(CHUNK_ROWS) --shards $(SHARDS) --data-dir $(DATA_DIR)
 	touch $@
 
-demo: $(INSTALLED) ## the default pipeline on the bundled model and corpus, small budget
-	$(MAKE) --no-print-directory harvest TOKENS=$(DEMO_TOKENS)
+# ---- train ----------------------------------------------------------------------
+comma := ,
+TRAIN_OPTS = --kind $(KIND) --layers $(LAYERS) --tokens $(TOKENS) --lm $(LM) --data $(DATA) --ctx $(CTX) \
+  --seed $(SEED) --wandb $(WANDB) --data-dir $(DATA_DIR) $(if $(LATENTS),--latents $(LATENTS)) $(if $(LR),--lr $(LR))
+TRAIN_COMMON := kind=$(KIND) layers=$(LAYERS) tokens=$(TOKENS) latents=$(LATENTS) lr=$(LR) seed=$(SEED)
+TRAIN_BASE  := $(STAMPS)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/$(KIND)-$(subst $(comma),+,$(MODEL))-k$(subst $(comma),+,$(K))-L$(LAYERS)
+$(call stamp,$(TRAIN_BASE).params,$(TRAIN_COMMON))
 
+train: $(TRAIN_BASE).done ## train dictionaries per layer: MODEL K KIND LAYERS LATENTS TOKENS LR SEED WANDB
+
+$(TRAIN_BASE).done: $(TRAIN_BASE).params $(HARVEST_DONE)
+	$(NND) train --model $(MODEL) --k $(K) $(TRAIN_OPTS)
+	touch $@
+
+# ---- evaluate -------------------------------------------------------------------
+EVAL_OPTS = --eval-tokens $(EVAL_TOKENS) --data-dir $(DATA_DIR)
+EVAL_DIR  := $(DATA_DIR)/eval/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)-t$(EVAL_TOKENS)
+CKPT_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/$(KIND)
+
+evaluate: $(INSTALLED) ## evaluate one checkpoint (or a folder of per-layer ones): CKPT EVAL_TOKENS
+	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L0" >&2; exit 2; }
+	$(NND) evaluate --ckpt $(CKPT) $(EVAL_OPTS)
+
+# ---- pareto: the default comparison, every piece a cached file target --------------
+P_LAYERS     := $(shell for p in $(subst $(comma), ,$(LAYERS)); do case $$p in (*-*) seq $${p%-*} $${p#*-};; (*) echo $$p;; esac; done)
+P_VARIANTS   := $(subst $(comma), ,$(PARETO_MODELS))
+P_KS         := $(subst $(comma), ,$(PARETO_K))
+P_BASE       := $(STAMPS)/pareto/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)
+P_TRAIN_PARAMS := models=$(PARETO_MODELS) k=$(PARETO_K) $(TRAIN_COMMON) kind=transcoder
+$(call stamp,$(P_BASE)/train.params,$(P_TRAIN_PARAMS))
+$(call stamp,$(P_BASE)/clt.params,k=$(PARETO_K) $(TRAIN_COMMON))
+$(call stamp,$(P_BASE)/eval.params,eval_tokens=$(EVAL_TOKENS) layers=$(LAYERS) k=$(PARETO_K))
+
+$(P_BASE)/train.done: $(P_BASE)/train.params $(HARVEST_DONE)
+	$(NND) train --model $(PARETO_MODELS) --k $(PARETO_K) $(subst --kind $(KIND),--kind transcoder,$(TRAIN_OPTS))
+	touch $@
+
+$(P_BASE)/clt.done: $(P_BASE)/clt.params $(HARVEST_DONE)
+	$(NND) train --model clt --k $(PARETO_K) $(subst --kind $(KIND),--kind transcoder,$(TRAIN_OPTS))
+	touch $@
+
+T_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/transcoder
+# one evaluation per (variant, K): the folder of its per-layer checkpoints
+define eval_rule
+$(EVAL_DIR)/$(1)-k$(2)/metrics.json: $(P_BASE)/train.done
+	$(NND) evaluate $(foreach l,$(P_LAYERS),--ckpt $(T_ROOT)/$(1)-k$(2)-L$(l)) $(EVAL_OPTS) --out $$@
+endef
+$(foreach v,$(P_VARIANTS),$(foreach k,$(P_KS),$(eval $(call eval_rule,$(v),$(k)))))
+P_EVALS := $(foreach v,$(P_VARIANTS),$(foreach k,$(P_KS),$(EVAL_DIR)/$(v)-k$(k)/metrics.json))
+
+$(P_BASE)/clt-eval.done: $(P_BASE)/clt.done $(P_BASE)/eval.params
+	$(foreach k,$(P_KS),$(NND) evaluate --ckpt $(CLT_ROOT)/$(call clt_name,$(k)) $(EVAL_OPTS) --out $(EVAL_DIR)/clt-k$(k)/metrics.json &&) true
+	touch $@
+CLT_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/clt
+clt_name = clt-topk-k$(1)-L$(firstword $(P_LAYERS))-$(lastword $(P_LAYERS))
+
+$(P_BASE)/baselines.done: $(P_BASE)/eval.params $(HARVEST_DONE)
+	$(NND) baselines --lm $(LM) --data $(DATA) --ctx $(CTX) --layers $(LAYERS) --k $(PARETO_K) $(EVAL_OPTS) --eval-dir $(EVAL_DIR)
+	touch $@
+
+REPORT_DIR := $(EVAL_DIR)/report
+$(REPORT_DIR)/.done: $(P_EVALS) $(P_BASE)/clt-eval.done $(P_BASE)/baselines.done
+	$(NND) report --eval-dir $(EVAL_DIR) --out-dir $(REPORT_DIR)
+	touch $@
+
+report: $(REPORT_DIR)/.done ## comparison table + Pareto plots from every evaluation of this LM/DATA/CTX/EVAL_TOKENS
+
+pareto: $(REPORT_DIR)/.done ## the default comparison: 4 variants x PARETO_K transcoders, the CLT, neurons, layers LAYERS
+	@echo "table: $(REPORT_DIR)/table.md"; echo "plots: $(REPORT_DIR)/"
+
+# ---- demo: the same chain at a small budget ---------------------------------------
 DEMO_TOKENS ?= 60000
+demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes (pareto at TOKENS=DEMO_TOKENS)
+	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) LATENTS=$(DEMO_LATENTS) EVAL_TOKENS=$(DEMO_EVAL_TOKENS)
+DEMO_LATENTS ?= 2304
+DEMO_EVAL_TOKENS ?= 2048
 
 clean-data: ## delete everything under DATA_DIR except its README
 	find $(DATA_DIR) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -158,6 +158,16 @@ class HarvestStore:
     def manifest_hash(self) -> str:
         return canonical_hash(self.manifest)
 
+    @property
+    def content_hash(self) -> str:
+        """Identifies the rows: model, corpus, split, tokenisation and row count.
+
+        A layer's arrays depend on nothing else, so harvesting another layer
+        into the store (which changes the manifest) leaves this unchanged and
+        does not make checkpoints trained on the other layers stale.
+        """
+        return self.manifest["config_hash"]
+
     def rows_in_chunk(self, i: int) -> int:
         return min(self.chunk_rows, self.n_rows - i * self.chunk_rows)
 
