@@ -107,13 +107,13 @@ $(TRAIN_BASE).done: $(TRAIN_BASE).params $(HARVEST_DONE)
 	touch $@
 
 # ---- evaluate -------------------------------------------------------------------
-EVAL_OPTS = --eval-tokens $(EVAL_TOKENS) --data-dir $(DATA_DIR)
+EVAL_OPTS = --eval-tokens $(EVAL_TOKENS) --data-dir $(DATA_DIR) --eval-dir $(EVAL_DIR)
 EVAL_DIR  := $(DATA_DIR)/eval/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)-t$(EVAL_TOKENS)
 CKPT_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/$(KIND)
 
 evaluate: $(INSTALLED) ## evaluate one checkpoint (or a folder of per-layer ones): CKPT EVAL_TOKENS
 	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L0" >&2; exit 2; }
-	$(NND) evaluate --ckpt $(CKPT) $(EVAL_OPTS)
+	$(NND) evaluate $(foreach c,$(CKPT),--ckpt $(c)) $(EVAL_OPTS)
 
 # ---- pareto: the default comparison, every piece a cached file target --------------
 P_LAYERS     := $(shell for p in $(subst $(comma), ,$(LAYERS)); do case $$p in (*-*) seq $${p%-*} $${p#*-};; (*) echo $$p;; esac; done)
@@ -136,20 +136,20 @@ $(P_BASE)/clt.done: $(P_BASE)/clt.params $(HARVEST_DONE)
 T_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/transcoder
 # one evaluation per (variant, K): the folder of its per-layer checkpoints
 define eval_rule
-$(EVAL_DIR)/$(1)-k$(2)/metrics.json: $(P_BASE)/train.done
+$(EVAL_DIR)/$(1)-k$(2)/metrics.json: $(P_BASE)/train.done $(P_BASE)/baselines.done
 	$(NND) evaluate $(foreach l,$(P_LAYERS),--ckpt $(T_ROOT)/$(1)-k$(2)-L$(l)) $(EVAL_OPTS) --out $$@
 endef
 $(foreach v,$(P_VARIANTS),$(foreach k,$(P_KS),$(eval $(call eval_rule,$(v),$(k)))))
 P_EVALS := $(foreach v,$(P_VARIANTS),$(foreach k,$(P_KS),$(EVAL_DIR)/$(v)-k$(k)/metrics.json))
 
-$(P_BASE)/clt-eval.done: $(P_BASE)/clt.done $(P_BASE)/eval.params
+$(P_BASE)/clt-eval.done: $(P_BASE)/clt.done $(P_BASE)/eval.params $(P_BASE)/baselines.done
 	$(foreach k,$(P_KS),$(NND) evaluate --ckpt $(CLT_ROOT)/$(call clt_name,$(k)) $(EVAL_OPTS) --out $(EVAL_DIR)/clt-k$(k)/metrics.json &&) true
 	touch $@
 CLT_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/clt
-clt_name = clt-topk-k$(1)-L$(firstword $(P_LAYERS))-$(lastword $(P_LAYERS))
+clt_name = clt-batchtopk-k$(1)-L$(firstword $(P_LAYERS))-$(lastword $(P_LAYERS))
 
 $(P_BASE)/baselines.done: $(P_BASE)/eval.params $(HARVEST_DONE)
-	$(NND) baselines --lm $(LM) --data $(DATA) --ctx $(CTX) --layers $(LAYERS) --k $(PARETO_K) $(EVAL_OPTS) --eval-dir $(EVAL_DIR)
+	$(NND) baselines --lm $(LM) --data $(DATA) --ctx $(CTX) --layers $(LAYERS) --k $(PARETO_K) $(EVAL_OPTS)
 	touch $@
 
 REPORT_DIR := $(EVAL_DIR)/report
@@ -167,7 +167,7 @@ DEMO_TOKENS ?= 60000
 demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes (pareto at TOKENS=DEMO_TOKENS)
 	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) LATENTS=$(DEMO_LATENTS) EVAL_TOKENS=$(DEMO_EVAL_TOKENS)
 DEMO_LATENTS ?= 2304
-DEMO_EVAL_TOKENS ?= 2048
+DEMO_EVAL_TOKENS ?= 508
 
 clean-data: ## delete everything under DATA_DIR except its README
 	find $(DATA_DIR) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -2,17 +2,21 @@
 
 import typer
 
-from stages import harvest
+from stages import evaluate, harvest, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nn-decompositions pipeline stages")
 
 
 @app.callback()
 def main() -> None:
-    """Stages: harvest -> train -> evaluate -> report. `make help` lists the Make interface."""
+    """Stages: harvest -> train -> evaluate/baselines -> report. `make help` lists the Make interface."""
 
 
 app.command()(harvest.harvest)
+app.command()(train.train)
+app.command()(evaluate.evaluate)
+app.command()(evaluate.baselines)
+app.command()(evaluate.report)
 
 if __name__ == "__main__":
     app()
