@@ -26,7 +26,8 @@ MODEL       ?= topk#          dictionary variant(s): vanilla | topk | batchtopk 
 K           ?= 32#            sparsity: k for topk/batchtopk/clt, target L0 for vanilla/jumprelu (comma list = sweep)
 KIND        ?= transcoder#    transcoder (mlp_in -> mlp_out) | sae (mlp_out -> mlp_out)
 LATENTS     ?= #              dictionary width (default 8 x d_model)
-LR          ?= #              learning rate (default: per variant, see README)
+LR          ?= #              learning rate (default 1e-3 / sqrt(LATENTS / 2^14))
+EPOCHS      ?= 1#             passes over the TOKENS harvested rows (more than 1 repeats data, with a warning)
 SEED        ?= 0#             seed for everything random
 WANDB       ?= offline#       offline | online | disabled
 EVAL_TOKENS ?= 4096#          held-out tokens (eval split) for evaluate / pareto
@@ -41,7 +42,7 @@ NND    := $(VENV)/bin/nnd
 INSTALLED := $(VENV)/.installed
 
 # strip the trailing comments' spaces from the variables above
-strip_vars = LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR CHUNK_ROWS DATA_DIR MODEL K KIND LATENTS LR SEED WANDB EVAL_TOKENS CKPT PARETO_MODELS PARETO_K
+strip_vars = LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR CHUNK_ROWS DATA_DIR MODEL K KIND LATENTS LR EPOCHS SEED WANDB EVAL_TOKENS CKPT PARETO_MODELS PARETO_K
 $(foreach v,$(strip_vars),$(eval $(v) := $(strip $($(v)))))
 
 LM_DIR   := $(subst /,__,$(LM))
@@ -94,9 +95,9 @@ $(HARVEST_DONE): $(HARVEST_STAMP) | $(INSTALLED)
 
 # ---- train ----------------------------------------------------------------------
 comma := ,
-TRAIN_OPTS = --kind $(KIND) --layers $(LAYERS) --tokens $(TOKENS) --lm $(LM) --data $(DATA) --ctx $(CTX) \
+TRAIN_OPTS = --kind $(KIND) --layers $(LAYERS) --tokens $(TOKENS) --epochs $(EPOCHS) --lm $(LM) --data $(DATA) --ctx $(CTX) \
   --seed $(SEED) --wandb $(WANDB) --data-dir $(DATA_DIR) $(if $(LATENTS),--latents $(LATENTS)) $(if $(LR),--lr $(LR))
-TRAIN_COMMON := kind=$(KIND) layers=$(LAYERS) tokens=$(TOKENS) latents=$(LATENTS) lr=$(LR) seed=$(SEED)
+TRAIN_COMMON := kind=$(KIND) layers=$(LAYERS) tokens=$(TOKENS) epochs=$(EPOCHS) latents=$(LATENTS) lr=$(LR) seed=$(SEED)
 TRAIN_BASE  := $(STAMPS)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/$(KIND)-$(subst $(comma),+,$(MODEL))-k$(subst $(comma),+,$(K))-L$(LAYERS)
 $(call stamp,$(TRAIN_BASE).params,$(TRAIN_COMMON))
 

@@ -345,11 +345,23 @@ class StoreWriter:
                     "var_total": mean_sq_norm - float(mean @ mean),
                 }
             complete.append(layer)
+        self._remove_orphans()
         manifest["layers"] = complete
         manifest["complete"] = bool(complete) and len(complete) == len(self.present_layers(group))
         group.attrs["manifest"] = manifest
         self.manifest = manifest
         return complete
+
+
+    def _remove_orphans(self) -> None:
+        """Delete temporary record files left by killed writers.
+
+        A temporary whose record exists was abandoned: a live writer's record
+        appears only by renaming its temporary, which removes it.
+        """
+        for tmp in self.root.fs.glob(self.root.join("progress", "*", "*.json.tmp-*")):
+            if self.root.fs.exists(tmp.split(".tmp-")[0]):
+                self.root.fs.rm(tmp)
 
 
 def check_finite(x: np.ndarray, layer: int, hook: str, chunk: int, dtype: str) -> None:

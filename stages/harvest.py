@@ -40,6 +40,9 @@ def harvest(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Harvest MLP activations into data/harvest/<lm>/<data>/<split>-ctx<ctx>.zarr."""
+    if data == "toy":
+        _harvest_toy(lm, layers, tokens, ctx, split, data_dir, store)
+        return
     base = dict(lm=lm, data=data, split=split, layers=tuple(parse_layers(layers)), tokens=tokens, ctx=ctx,
                 dtype=dtype, compressor=compressor, data_dir=data_dir, store=store, text_field=text_field,
                 chunk_rows=chunk_rows)
@@ -63,3 +66,14 @@ def harvest(
         return
     summary = run_harvest(HarvestConfig(**base), progress=progress)
     print(summary.line())
+
+
+def _harvest_toy(lm: str, layers: str, tokens: int, ctx: int, split: str, data_dir: Path, store: str | None) -> None:
+    """DATA=toy: the toy model of superposition, written through the same store writer."""
+    from pipeline.harvest import store_path
+    from pipeline.toy import ToyConfig, write_toy_store
+
+    wanted = parse_layers(layers)
+    location = store or str(store_path(data_dir, lm, "toy", split, ctx))
+    st = write_toy_store(location, ToyConfig(n_layers=max(wanted) + 1, n_rows=tokens, ctx=ctx), split)
+    print(f"harvest: toy store, {st.n_rows:,} rows, layers {st.layers} -> {location}")
