@@ -49,6 +49,27 @@ def smol_data_dir(models_root, tmp_path) -> Path:
     return _data_dir_with(models_root, tmp_path, "tiny-llama", "smollm2-135m")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny problems: one intra-op thread is as fast, and far faster on a
+    shared machine, where spinning OpenMP workers slowed the suite ~10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm(models_root):
+    """The tiny test model, loaded once per module."""
+    from pipeline.models import ensure_model, load_lm
+
+    ensure_model("tiny-llama", models_root)
+    return load_lm("tiny-llama", models_root)
+
+
 def run_nnd(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -10,18 +10,9 @@ import torch.nn.functional as F
 from pipeline.baselines import NeuronSplice, mean_ablation, mlp_parameters, train_means, weights_per_hidden_unit, zero_ablation
 from pipeline.errors import UserError
 from pipeline.harvest import HarvestConfig, harvest
-from pipeline.models import load_lm
 from pipeline.store import HarvestStore
 
 from test_splice import D, hf_logits, spliced_logits
-
-
-@pytest.fixture(scope="module")
-def lm(models_root):
-    from pipeline.models import ensure_model
-
-    ensure_model("tiny-llama", models_root)
-    return load_lm("tiny-llama", models_root)
 
 
 @pytest.fixture(scope="module")

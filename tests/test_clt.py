@@ -33,12 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla")
 D, N_LATENTS, K = 16, 64, 4
 

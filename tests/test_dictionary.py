@@ -9,14 +9,7 @@ from pipeline import checkpoint
 from pipeline.dictionary import Dictionary, DictionaryConfig, fvu_metrics
 from pipeline.errors import UserError
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and far faster on a
-    shared machine, where spinning OpenMP workers slowed the suite ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(variant="topk", kind="transcoder", **kw) -> Dictionary:

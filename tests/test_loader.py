@@ -16,14 +16,7 @@ from pipeline.store import HarvestStore, StoreWriter, chunk_rows_for
 CTX = 9  # 8 rows per sequence
 CHUNK_ROWS = 64
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and far faster on a
-    shared machine, where spinning OpenMP workers slowed the suite ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_store(path: Path, n_rows: int = 1000, d: int = 4, layers=(0, 1), compressor: str = "none",

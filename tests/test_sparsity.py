@@ -11,14 +11,7 @@ import pipeline.sparsity as sp
 from pipeline.dictionary import Dictionary, DictionaryConfig
 from pipeline.errors import UserError
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and far faster on a
-    shared machine, where spinning OpenMP workers slowed the suite ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -6,18 +6,9 @@ import pytest
 import torch
 
 from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.models import load_lm
 from pipeline.splice import CLTSplice, DictionarySplice, final_hidden, logits
 
 D = 64  # tiny-llama d_model
-
-
-@pytest.fixture(scope="module")
-def lm(models_root):
-    from pipeline.models import ensure_model
-
-    ensure_model("tiny-llama", models_root)
-    return load_lm("tiny-llama", models_root)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from pipeline.train import Member, TrainConfig, train_members
 TOY = ToyConfig(d_model=32, n_features=128, n_rows=32768, mean_active=4, seed=0)
 K = 4
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and far faster on a
-    shared machine, where spinning OpenMP workers slowed the suite ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOY = ToyConfig(d_model=16, n_features=64, n_rows=8192, mean_active=3, ctx=129)
 KEYS = [(0, "mlp_in"), (0, "mlp_out")]
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and far faster on a
-    shared machine, where spinning OpenMP workers slowed the suite ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_data_dir(root: Path) -> Path:
