@@ -161,14 +161,17 @@ $(REPORT_DIR)/.done: $(P_EVALS) $(P_BASE)/clt-eval.done $(P_BASE)/baselines.done
 report: $(REPORT_DIR)/.done ## comparison table + Pareto plots from every evaluation of this LM/DATA/CTX/EVAL_TOKENS
 
 pareto: $(REPORT_DIR)/.done ## the default comparison: 4 variants x PARETO_K transcoders, the CLT, neurons, layers LAYERS
-	@echo "table: $(REPORT_DIR)/table.md"; echo "plots: $(REPORT_DIR)/"
+	@echo "table:  $(REPORT_DIR)/table.md (CSV: $(REPORT_DIR)/table_all_layers.csv, table_single_layer.csv)"
+	@echo "pareto: $(REPORT_DIR)/pareto_all_layers.png, $(REPORT_DIR)/pareto_single_layer.png (and .svg)"
 
 # ---- demo: the same chain at a small budget ---------------------------------------
 DEMO_TOKENS ?= 60000
-demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes (pareto at TOKENS=DEMO_TOKENS)
-	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) LATENTS=$(DEMO_LATENTS) EVAL_TOKENS=$(DEMO_EVAL_TOKENS)
+demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at DEMO_* budgets
+	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) LATENTS=$(DEMO_LATENTS) EVAL_TOKENS=$(DEMO_EVAL_TOKENS) \
+	  PARETO_K=$(DEMO_K)
 DEMO_LATENTS ?= 2304
 DEMO_EVAL_TOKENS ?= 508
+DEMO_K ?= 16,64
 
 clean-data: ## delete everything under DATA_DIR except its README
 	find $(DATA_DIR) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
