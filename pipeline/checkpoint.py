@@ -80,6 +80,15 @@ def save(module: nn.Module, path: Path, metadata: dict, extra_files: dict[str, C
     for name, write in (extra_files or {}).items():
         write(tmp / name)
     (tmp / DONE).write_text("")
+    publish_dir(tmp, path)
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Move a fully written folder into place, replacing any older one.
+
+    Readers see the old folder or the new one, never a half-written one; only
+    between the two renames is there none at all.
+    """
     old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
     if path.exists():
         os.replace(path, old)

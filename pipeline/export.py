@@ -38,8 +38,6 @@ as ``jumprelu`` (thresholds present) or ``vanilla`` on layers 0..n-1.
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -118,12 +116,7 @@ def export_circuit_tracer(source: CrossLayerTranscoder | str | Path, out: str | 
     for name, tensors in files.items():
         save_file(tensors, tmp / name)
     (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=True))
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
+    checkpoint.publish_dir(tmp, out)
     return out
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
