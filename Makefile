@@ -53,7 +53,7 @@ STAMPS   := $(DATA_DIR)/stamps
 # parse time, so the stamp's mtime moves only when parameters change.
 stamp = $(shell mkdir -p $(dir $(1)) && { [ "$$(cat $(1) 2>/dev/null)" = "$(2)" ] || printf '%s' "$(2)" > $(1); })
 
-.PHONY: help install demo test harvest train evaluate report pareto clean-data
+.PHONY: help install demo test harvest train evaluate export report pareto clean-data
 
 help: ## list targets and variables
 	@echo "nn-decompositions: make <target> [VAR=value ...]"
@@ -115,6 +115,11 @@ CKPT_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/$(KIND)
 evaluate: $(INSTALLED) ## evaluate one checkpoint (or a folder of per-layer ones): CKPT EVAL_TOKENS
 	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L0" >&2; exit 2; }
 	$(NND) evaluate $(foreach c,$(CKPT),--ckpt $(c)) $(EVAL_OPTS)
+
+OUT ?= $(CKPT).circuit-tracer
+export: $(INSTALLED) ## export a CLT checkpoint to circuit-tracer's format: CKPT [OUT]
+	@test -n "$(CKPT)" || { echo "error: set CKPT=<CLT checkpoint directory>" >&2; exit 2; }
+	$(NND) export --ckpt $(CKPT) --out $(OUT)
 
 # ---- pareto: the default comparison, every piece a cached file target --------------
 P_LAYERS     := $(shell for p in $(subst $(comma), ,$(LAYERS)); do case $$p in (*-*) seq $${p%-*} $${p#*-};; (*) echo $$p;; esac; done)

@@ -2,7 +2,7 @@
 
 import typer
 
-from stages import evaluate, harvest, train
+from stages import evaluate, export, harvest, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nn-decompositions pipeline stages")
 
@@ -17,6 +17,7 @@ app.command()(train.train)
 app.command()(evaluate.evaluate)
 app.command()(evaluate.baselines)
 app.command()(evaluate.report)
+app.command()(export.export)
 
 if __name__ == "__main__":
     app()

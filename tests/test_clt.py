@@ -270,6 +270,23 @@ def test_export_round_trips_with_identical_outputs(tmp_path, variant):
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0)
 
 
+def test_nnd_export_writes_the_same_tensors_and_never_overwrites(tmp_path):
+    from conftest import run_nnd
+
+    clt = trained_looking_clt("batchtopk")
+    checkpoint.save(clt, tmp_path / "ckpt", {"lm": "tiny-llama"})
+    run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"))
+    direct = export_circuit_tracer(tmp_path / "ckpt", tmp_path / "direct")
+    for f in direct.glob("*.safetensors"):
+        a, b = load_file(f), load_file(tmp_path / "ct" / f.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = (tmp_path / "ct" / "W_dec_0.safetensors").read_bytes()
+    again = run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), check=False)
+    assert again.returncode == 2 and again.stderr.startswith("error: ")
+    assert (tmp_path / "ct" / "W_dec_0.safetensors").read_bytes() == before
+    run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), "--overwrite")
+
+
 def test_export_refuses_what_circuit_tracer_cannot_hold(tmp_path):
     with pytest.raises(UserError, match="TopK CLT has no circuit-tracer equivalent"):
         export_circuit_tracer(trained_looking_clt("topk"), tmp_path / "a")
