@@ -162,12 +162,13 @@ REPORT_DIR := $(EVAL_DIR)/report
 $(REPORT_DIR)/.done: $(P_EVALS) $(P_BASE)/clt-eval.done $(P_BASE)/baselines.done
 	$(NND) report --eval-dir $(EVAL_DIR) --out-dir $(REPORT_DIR)
 	touch $@
+	@echo "table:  $(REPORT_DIR)/table.md (CSV: $(REPORT_DIR)/table_all_layers.csv, table_single_layer.csv)"
+	@echo "pareto: $(REPORT_DIR)/pareto_all_layers.png, $(REPORT_DIR)/pareto_single_layer.png (and .svg)"
 
 report: $(REPORT_DIR)/.done ## comparison table + Pareto plots from every evaluation of this LM/DATA/CTX/EVAL_TOKENS
 
+# No recipe, so `make -q pareto` can answer "up to date"; the report rule prints the paths.
 pareto: $(REPORT_DIR)/.done ## the default comparison: 4 variants x PARETO_K transcoders, the CLT, neurons, layers LAYERS
-	@echo "table:  $(REPORT_DIR)/table.md (CSV: $(REPORT_DIR)/table_all_layers.csv, table_single_layer.csv)"
-	@echo "pareto: $(REPORT_DIR)/pareto_all_layers.png, $(REPORT_DIR)/pareto_single_layer.png (and .svg)"
 
 # ---- demo: the same chain at a small budget ---------------------------------------
 DEMO_TOKENS ?= 60000
