@@ -7,7 +7,7 @@ Default size: 8 x d_model latents per layer, k = 64 per source layer, batch
 ``data/harvest/smollm2-135m/bbc/train-ctx128.zarr``; make one with
 ``nnd harvest --layers 0-3``).
 
-- **tokens/s**: the real training step of ``fit`` (``pipeline.train._train_step``:
+- **tokens/s**: the real training step of ``fit`` (``pipeline.train.loop._train_step``:
   loss, sparse backward, decoder-gradient projection, clipping, Adam, decoder
   renormalisation, threshold update, dead-latent bookkeeping) for one CLT, and
   for one transcoder per layer (same variant, k and width), on the same
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.clt import CLTConfig, CrossLayerTranscoder
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.harvest import parse_layers
-from pipeline.store import HarvestStore
-from pipeline.train import Member, TrainConfig, _keys, _train_step, select
+from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.data.harvest import parse_layers
+from pipeline.data.store import HarvestStore
+from pipeline.train.loop import Member, TrainConfig, _keys, _train_step, select
 
 DEFAULT_STORE = Path("data/harvest/smollm2-135m/bbc/train-ctx128.zarr")
 

@@ -7,7 +7,7 @@ Rows of eval tokens per second for:
 - clean: a plain forward of the model to logits plus log-softmax and CE,
   the cheapest way to score the tokens at all;
 - spliced: one evaluate job with every layer replaced by a transcoder, as
-  ``pipeline.evaluate.run_jobs`` runs it: the live forward with the hooks
+  ``pipeline.eval.run.run_jobs`` runs it: the live forward with the hooks
   (encode, decode, per-layer statistics), the unembedding, log-softmax, CE,
   ΔCE and KL against the clean distribution;
 - the clean log-probabilities recomputed from the cached final hidden
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.evaluate import EVAL_BATCH, CleanBatch, EvalConfig, JobStats, eval_tokens, load_checkpoints, load_model
-from pipeline.harvest import parse_layers
-from pipeline.splice import DictionarySplice, final_hidden, logits
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.eval.run import EVAL_BATCH, CleanBatch, EvalConfig, JobStats, eval_tokens, load_checkpoints, load_model
+from pipeline.data.harvest import parse_layers
+from pipeline.eval.splice import DictionarySplice, final_hidden, logits
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.harvest import HarvestConfig, _StopForward, harvest, parse_layers, token_table
-from pipeline.models import load_lm
-from pipeline.store import chunk_rows_for
+from pipeline.data.harvest import HarvestConfig, _StopForward, harvest, parse_layers, token_table
+from pipeline.data.models import load_lm
+from pipeline.data.store import chunk_rows_for
 from stages.common import quiet_libraries
 
 

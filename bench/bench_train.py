@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.loader import ActivationLoader, LoaderConfig
-from pipeline.sparsity import Codes, SparsePattern
-from pipeline.store import HarvestStore
-from pipeline.toy import ToyConfig, write_toy_store
-from pipeline.train import Member, TrainConfig, _train_step, param_groups
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.data.loader import ActivationLoader, LoaderConfig
+from pipeline.methods.sparsity import Codes, SparsePattern
+from pipeline.data.store import HarvestStore
+from pipeline.data.toy import ToyConfig, write_toy_store
+from pipeline.train.loop import Member, TrainConfig, _train_step, param_groups
 
 
 def timed(fn, repeat: int) -> float:

@@ -4,7 +4,7 @@ Final checkpoints are written into a temporary sibling directory and swapped
 in by rename, with a ``done`` marker written last: a directory without
 ``done`` is never taken as finished. Training state for resume (optimiser,
 step, loader position, RNG, history) lives apart in ``partial/`` (see
-``pipeline.train``).
+``pipeline.train.loop``).
 
 ``load(path)`` rebuilds any checkpoint: the config names its module family,
 looked up in ``FAMILIES`` (the cross-layer transcoder registers itself there).
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
@@ -37,8 +37,8 @@ def register_family(name: str, from_config: Callable[[dict], nn.Module]) -> None
 
 
 def _families() -> dict[str, Callable[[dict], nn.Module]]:
-    import pipeline.clt  # noqa: F401  (registers the cross-layer transcoder family)
-    from pipeline.dictionary import Dictionary
+    import pipeline.methods.clt  # noqa: F401  (registers the cross-layer transcoder family)
+    from pipeline.methods.transcoder import Dictionary
 
     FAMILIES.setdefault(Dictionary.family, Dictionary.from_config_dict)
     return FAMILIES

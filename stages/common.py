@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 
 def quiet_libraries() -> None:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 from stages.common import stage
 
 DEFAULT_EVAL_TOKENS = 4096
@@ -16,7 +16,7 @@ EVAL_DIR_HELP = ("folder of this eval set: cached reference, one folder per meth
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from pipeline.evaluate import MODES
+    from pipeline.eval.run import MODES
 
     aliases = {"single": "single_layer", "all": "all_layers"}
     modes = tuple(aliases.get(m.strip(), m.strip()) for m in text.split(",") if m.strip())
@@ -56,7 +56,7 @@ def evaluate(
     layers at once, and one at a time); several configurations (or CLTs) in
     CKPT are evaluated in one pass over the eval tokens, one metrics.json each.
     """
-    from pipeline.evaluate import EvalConfig, checkpoint_origin, evaluate_methods, load_checkpoints, load_model, write_metrics
+    from pipeline.eval.run import EvalConfig, checkpoint_origin, evaluate_methods, load_checkpoints, load_model, write_metrics
 
     origin = checkpoint_origin(ckpt)
     cfg = EvalConfig(lm=lm or origin.get("lm", "smollm2-135m"), data=data or origin.get("data", "bbc"),
@@ -86,8 +86,8 @@ def baselines(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Zero-ablation, mean-ablation and the neuron baseline over a K sweep; one metrics.json each."""
-    from pipeline.evaluate import EvalConfig, evaluate_methods, load_model, mean_method, neuron_method, write_metrics, zero_method
-    from pipeline.harvest import parse_layers
+    from pipeline.eval.run import EvalConfig, evaluate_methods, load_model, mean_method, neuron_method, write_metrics, zero_method
+    from pipeline.data.harvest import parse_layers
 
     cfg = EvalConfig(lm=lm, data=data, ctx=ctx, eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
                      eval_dir=eval_dir)
@@ -113,8 +113,8 @@ def report(
     out_dir: Optional[Path] = typer.Option(None, help="where tables and plots go (default: <eval dir>/report)"),
 ):
     """Comparison table (CSV + Markdown) and Pareto plots (PNG + SVG) from every metrics.json of one eval set."""
-    from pipeline.evaluate import EvalConfig
-    from pipeline.report import build_report
+    from pipeline.eval.run import EvalConfig
+    from pipeline.eval.report import build_report
 
     cfg = EvalConfig(lm=lm, data=data, ctx=ctx, eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
                      eval_dir=eval_dir)

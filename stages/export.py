@@ -16,6 +16,6 @@ def export(
     overwrite: bool = typer.Option(False, help="replace an existing export at OUT"),
 ):
     """Export a cross-layer transcoder for circuit-tracer (format: pipeline/export.py)."""
-    from pipeline.export import export_circuit_tracer
+    from pipeline.export.circuit_tracer import export_circuit_tracer
 
     print(f"export: {export_circuit_tracer(ckpt, out, overwrite=overwrite)}")

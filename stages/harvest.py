@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from pipeline.errors import UserError
-from pipeline.harvest import HarvestConfig, harvest as run_harvest, parse_layers
+from pipeline.core.errors import UserError
+from pipeline.data.harvest import HarvestConfig, harvest as run_harvest, parse_layers
 from stages.common import stage
 
 
@@ -70,8 +70,8 @@ def harvest(
 
 def _harvest_toy(lm: str, layers: str, tokens: int, ctx: int, split: str, data_dir: Path, store: str | None) -> None:
     """DATA=toy: the toy model of superposition, written through the same store writer."""
-    from pipeline.harvest import store_path
-    from pipeline.toy import ToyConfig, write_toy_store
+    from pipeline.data.harvest import store_path
+    from pipeline.data.toy import ToyConfig, write_toy_store
 
     wanted = parse_layers(layers)
     location = store or str(store_path(data_dir, lm, "toy", split, ctx))

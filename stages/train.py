@@ -17,19 +17,19 @@ from pathlib import Path
 
 import typer
 
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.errors import UserError
-from pipeline.harvest import parse_layers, store_path
-from pipeline.loader import ActivationLoader, LoaderConfig
-from pipeline.sparsity import SPARSITY
-from pipeline.store import HarvestStore
-from pipeline.train import MEMBER_BUILDERS, Member, TrainConfig, _keys, train_members
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.core.errors import UserError
+from pipeline.data.harvest import parse_layers, store_path
+from pipeline.data.loader import ActivationLoader, LoaderConfig
+from pipeline.methods.sparsity import SPARSITY
+from pipeline.data.store import HarvestStore
+from pipeline.train.loop import MEMBER_BUILDERS, Member, TrainConfig, _keys, train_members
 from stages.common import stage
 
 KIND_HOOKS = {"transcoder": ("mlp_in", "mlp_out"), "sae": ("mlp_out", "mlp_out")}
 
 # Modules that register extra MODEL families in MEMBER_BUILDERS when imported.
-FAMILY_MODULES = ("pipeline.clt",)
+FAMILY_MODULES = ("pipeline.methods.clt",)
 for _name in FAMILY_MODULES:
     if importlib.util.find_spec(_name) is not None:
         importlib.import_module(_name)
@@ -46,7 +46,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 
 
 def checkpoint_dir(data_dir: Path, lm: str, data: str, ctx: int, kind: str, variant: str, k: int, layer: int) -> Path:
-    from pipeline import corpora
+    from pipeline.data import corpora
 
     return (Path(data_dir) / "train" / lm.replace("/", "__") / corpora.store_name(data) / f"ctx{ctx}" / kind
             / f"{variant}-k{k}-L{layer}")

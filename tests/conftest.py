@@ -27,7 +27,7 @@ def models_root(tmp_path_factory) -> Path:
 
 
 def _data_dir_with(models_root: Path, tmp_path: Path, *names: str) -> Path:
-    from pipeline.models import ensure_model
+    from pipeline.data.models import ensure_model
 
     for name in names:
         ensure_model(name, models_root)
@@ -64,7 +64,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def lm(models_root):
     """The tiny test model, loaded once per module."""
-    from pipeline.models import ensure_model, load_lm
+    from pipeline.data.models import ensure_model, load_lm
 
     ensure_model("tiny-llama", models_root)
     return load_lm("tiny-llama", models_root)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.baselines import NeuronSplice, mean_ablation, mlp_parameters, train_means, weights_per_hidden_unit, zero_ablation
-from pipeline.errors import UserError
-from pipeline.harvest import HarvestConfig, harvest
-from pipeline.store import HarvestStore
+from pipeline.eval.baselines import NeuronSplice, mean_ablation, mlp_parameters, train_means, weights_per_hidden_unit, zero_ablation
+from pipeline.core.errors import UserError
+from pipeline.data.harvest import HarvestConfig, harvest
+from pipeline.data.store import HarvestStore
 
 from test_splice import D, hf_logits, spliced_logits
 

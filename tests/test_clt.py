@@ -15,16 +15,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import pipeline.train
+import pipeline.train.loop
 from pipeline import checkpoint
-from pipeline.clt import CLTConfig, CrossLayerTranscoder
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.errors import UserError
-from pipeline.export import export_circuit_tracer, load_circuit_tracer
-from pipeline.harvest import store_path
-from pipeline.loader import ActivationLoader, LoaderConfig
-from pipeline.store import HarvestStore, StoreWriter, chunk_rows_for
-from pipeline.toy import ToyConfig, write_toy_store
+from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.core.errors import UserError
+from pipeline.export.circuit_tracer import export_circuit_tracer, load_circuit_tracer
+from pipeline.data.harvest import store_path
+from pipeline.data.loader import ActivationLoader, LoaderConfig
+from pipeline.data.store import HarvestStore, StoreWriter, chunk_rows_for
+from pipeline.data.toy import ToyConfig, write_toy_store
 
 REPO = Path(__file__).resolve().parents[1]
 # The training tests take hundreds of tiny steps. With two OpenMP threads each tiny op waits
@@ -36,7 +36,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 VARIANTS = ("topk", "batchtopk", "jumprelu", "vanilla")
 D, N_LATENTS, K = 16, 64, 4
 
-needs_fit = pytest.mark.skipif(not hasattr(pipeline.train, "MEMBER_BUILDERS"),
+needs_fit = pytest.mark.skipif(not hasattr(pipeline.train.loop, "MEMBER_BUILDERS"),
                                reason="fit() does not take multi-layer members yet")
 
 
@@ -139,9 +139,9 @@ def test_zero_cross_slices_behave_like_per_layer_transcoders(variant):
 
 @pytest.mark.parametrize("variant", ["topk", "jumprelu"])
 def test_zero_cross_slices_splice_live_like_per_layer_transcoders(models_root, variant):
-    """evaluate's live splice (pipeline.splice) of the real CLT on the tiny model."""
-    from pipeline.models import ensure_model, load_lm
-    from pipeline.splice import CLTSplice, DictionarySplice, final_hidden
+    """evaluate's live splice (pipeline.eval.splice) of the real CLT on the tiny model."""
+    from pipeline.data.models import ensure_model, load_lm
+    from pipeline.eval.splice import CLTSplice, DictionarySplice, final_hidden
 
     ensure_model("tiny-llama", models_root)
     lm = load_lm("tiny-llama", models_root)
@@ -188,7 +188,7 @@ def test_config_is_validated_with_the_bad_field_named():
 
 
 def test_train_stage_builds_one_clt_per_k_beside_the_per_layer_dictionaries(tmp_path):
-    from pipeline.train import MEMBER_BUILDERS
+    from pipeline.train.loop import MEMBER_BUILDERS
 
     store = write_toy_store(tmp_path / "toy.zarr", ToyConfig(d_model=D, n_features=32, n_layers=3, n_rows=1024))
     out = lambda variant, k, layer: tmp_path / "train" / "transcoder" / f"{variant}-k{k}-L{layer}"  # noqa: E731
@@ -353,7 +353,7 @@ def model_unit_rows(clt: CrossLayerTranscoder, p: int) -> np.ndarray:
 
 @needs_fit
 def test_planted_cross_layer_features_are_recovered(tmp_path, one_thread):
-    from pipeline.train import Member, TrainConfig, train_members
+    from pipeline.train.loop import Member, TrainConfig, train_members
 
     truth = planted_truth()
     store = write_planted_store(tmp_path / "planted.zarr", truth)

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import corpora
-from pipeline.corpora import Document, documents, split_of
-from pipeline.errors import UserError
-from pipeline.models import byte_tokenizer
-from pipeline.tokens import pack
+from pipeline.data import corpora
+from pipeline.data.corpora import Document, documents, split_of
+from pipeline.core.errors import UserError
+from pipeline.data.models import byte_tokenizer
+from pipeline.data.tokens import pack
 
 
 @pytest.mark.parametrize("name", ["bbc", "sotu", "wiki", "shakespeare"])

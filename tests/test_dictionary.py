@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.dictionary import Dictionary, DictionaryConfig, fvu_metrics
-from pipeline.errors import UserError
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig, fvu_metrics
+from pipeline.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,7 +128,7 @@ def test_bf16_training_matmul_is_close_to_fp32():
 
 
 def test_geometric_median_init_ignores_massive_rows():
-    from pipeline.dictionary import geometric_median
+    from pipeline.methods.transcoder import geometric_median
 
     g = torch.Generator().manual_seed(0)
     normal = torch.randn(970, 6, generator=g) * 0.1 + 1.0

@@ -12,9 +12,9 @@ import typer
 from typer.testing import CliRunner
 
 from pipeline import checkpoint
-from pipeline.errors import UserError
-from pipeline.evaluate import EvalConfig, evaluate_methods, load_checkpoints, load_model, reference
-from pipeline.harvest import HarvestConfig, harvest
+from pipeline.core.errors import UserError
+from pipeline.eval.run import EvalConfig, evaluate_methods, load_checkpoints, load_model, reference
+from pipeline.data.harvest import HarvestConfig, harvest
 from stages.evaluate import baselines, evaluate, report
 
 from test_splice import D, identity_sae, transcoder
@@ -37,7 +37,7 @@ def run_cli(*args: str):
 @pytest.fixture(scope="module")
 def data_dir(models_root, tmp_path_factory) -> Path:
     """A DATA_DIR with a tiny-llama training store (layers 0-3) for the mean-ablation."""
-    from pipeline.models import ensure_model
+    from pipeline.data.models import ensure_model
 
     ensure_model("tiny-llama", models_root)
     root = tmp_path_factory.mktemp("evaluate") / "data"
@@ -67,8 +67,8 @@ def save_checkpoints(lm, folder: Path, modules: dict, origin: dict | None = None
 
 
 def test_identity_splice_reproduces_the_clean_ce_exactly(lm, cfg):
-    from pipeline.evaluate import Method
-    from pipeline.splice import DictionarySplice
+    from pipeline.eval.run import Method
+    from pipeline.eval.splice import DictionarySplice
 
     layers = (0, 1, 2, 3)
     method = Method("identity", "identity", "sae", DictionarySplice({l: identity_sae(l) for l in layers}), layers, k=1)
@@ -168,7 +168,7 @@ def test_bad_input_gives_one_clear_line_and_exit_2(lm, cfg, tmp_path, case):
         args += ["--lm", "tiny-llama"]
         expect = "trained on activations of LM=smollm2-135m"
     elif case == "other_d":
-        from pipeline.dictionary import Dictionary, DictionaryConfig
+        from pipeline.methods.transcoder import Dictionary, DictionaryConfig
 
         ckpt = save_checkpoints(lm, tmp_path / "set",
                                 {0: Dictionary(DictionaryConfig(variant="topk", k=2, d_in=32, d_out=32, n_latents=64))})

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_nnd, tree_bytes
-from pipeline.errors import UserError
-from pipeline.harvest import HarvestConfig, capture, harvest, parse_layers, store_path, token_table
-from pipeline.models import load_lm
-from pipeline.store import HarvestStore, Root, writer_lock
+from pipeline.core.errors import UserError
+from pipeline.data.harvest import HarvestConfig, capture, harvest, parse_layers, store_path, token_table
+from pipeline.data.models import load_lm
+from pipeline.data.store import HarvestStore, Root, writer_lock
 
 # Small chunks so a few thousand tokens make many chunks.
 SMALL = dict(lm="tiny-llama", data="bbc", ctx=32, chunk_rows=256)
@@ -188,7 +188,7 @@ def test_a_second_harvest_of_the_same_store_is_refused(data_dir):
 
 
 def test_non_finite_activations_fail_loudly(data_dir):
-    from pipeline.store import check_finite
+    from pipeline.data.store import check_finite
 
     bad = np.ones((4, 3), dtype=np.float16)
     bad[2, 1] = np.inf

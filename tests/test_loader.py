@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.loader import ActivationLoader, LoaderConfig
-from pipeline.store import HarvestStore, StoreWriter, chunk_rows_for
+from pipeline.core.errors import UserError
+from pipeline.data.loader import ActivationLoader, LoaderConfig
+from pipeline.data.store import HarvestStore, StoreWriter, chunk_rows_for
 
 CTX = 9  # 8 rows per sequence
 CHUNK_ROWS = 64

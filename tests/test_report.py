@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.report import build_report
+from pipeline.core.errors import UserError
+from pipeline.eval.report import build_report
 
 from test_evaluate import CTX, EVAL_TOKENS, cfg, data_dir, lm, run_cli, save_checkpoints  # noqa: F401 (fixtures)
 from test_splice import transcoder

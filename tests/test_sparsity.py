@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import pipeline.sparsity as sp
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.errors import UserError
+import pipeline.methods.sparsity as sp
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.splice import CLTSplice, DictionarySplice, final_hidden, logits
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.eval.splice import CLTSplice, DictionarySplice, final_hidden, logits
 
 D = 64  # tiny-llama d_model
 
@@ -118,7 +118,7 @@ def test_record_reports_the_live_mlp_output_and_the_reconstruction(lm, tokens):
 
 def make_clt(layers, seed: int, cross_scale: float = 0.0):
     """A real cross-layer transcoder; its cross-layer decoder slices are zero unless ``cross_scale``."""
-    from pipeline.clt import CLTConfig, CrossLayerTranscoder
+    from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
 
     clt = CrossLayerTranscoder(CLTConfig(variant="topk", k=4, d_in=D, d_out=D, n_latents=96, layers=tuple(layers),
                                          seed=seed))

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.errors import UserError
-from pipeline.loader import ActivationLoader, LoaderConfig
-from pipeline.store import HarvestStore
-from pipeline.toy import ToyConfig, load_truth, recovered_fraction, toy_rows, write_toy_store
-from pipeline.train import Member, TrainConfig, train_members
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.core.errors import UserError
+from pipeline.data.loader import ActivationLoader, LoaderConfig
+from pipeline.data.store import HarvestStore
+from pipeline.data.toy import ToyConfig, load_truth, recovered_fraction, toy_rows, write_toy_store
+from pipeline.train.loop import Member, TrainConfig, train_members
 
 TOY = ToyConfig(d_model=32, n_features=128, n_rows=32768, mean_active=4, seed=0)
 K = 4

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline import checkpoint
-from pipeline.dictionary import Dictionary, DictionaryConfig
-from pipeline.errors import UserError
-from pipeline.harvest import store_path
-from pipeline.loader import ActivationLoader, LoaderConfig
-from pipeline.toy import ToyConfig, write_toy_store
-from pipeline.train import Member, TrainConfig, train_members
+from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.core.errors import UserError
+from pipeline.data.harvest import store_path
+from pipeline.data.loader import ActivationLoader, LoaderConfig
+from pipeline.data.toy import ToyConfig, write_toy_store
+from pipeline.train.loop import Member, TrainConfig, train_members
 from stages.train import checkpoint_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def members_for(ks, out: Path, n_latents=64) -> list[Member]:
 
 
 def loader_factory(data_dir: Path, counter: list | None = None):
-    from pipeline.store import HarvestStore
+    from pipeline.data.store import HarvestStore
 
     store = HarvestStore.open(store_path(data_dir, "smollm2-135m", "toy", "train", TOY.ctx))
 

@@ -11,7 +11,7 @@ replacements produced:
 - cross-layer transcoder: at every source layer i the live MLP input is encoded
   when the forward passes it; at a replaced layer j the output is the sum of
   decoder contributions from the latents of all source layers i <= j;
-- baselines (``pipeline.baselines``): zero, a fixed mean, or the MLP with
+- baselines (``pipeline.eval.baselines``): zero, a fixed mean, or the MLP with
   only its top-k hidden units.
 
 Which hook is swapped is ``lm.mlp_out_hook_for_splice`` (the model spec
@@ -41,7 +41,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 FIRST_REPLACED = 1  # position 0 is BOS, never replaced
 UNEMBED_IN = "unembed.hook_in"

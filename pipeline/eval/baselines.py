@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
-from pipeline.splice import Hook, Record, put_rows, rows_of, splice_hook_name
+from pipeline.core.errors import UserError
+from pipeline.eval.splice import Hook, Record, put_rows, rows_of, splice_hook_name
 
 
 class ConstantSplice:
@@ -52,7 +52,7 @@ def zero_ablation(layers: Sequence[int], d: int) -> ConstantSplice:
 
 def train_means(lm, store_location: str | Path, layers: Sequence[int]) -> dict[int, Tensor]:
     """Per-layer mean of the spliced hook over a training store of this model."""
-    from pipeline.store import HarvestStore
+    from pipeline.data.store import HarvestStore
 
     hook = lm.mlp_out_hook_for_splice
     store = HarvestStore.open(store_location, layers=list(layers), hooks=[hook])

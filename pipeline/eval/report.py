@@ -11,7 +11,7 @@ CE recovered, KL, FVU without massive rows, ΔCE standard error and the Pareto
 x-values. Pareto figures: CE (as ΔCE = CE - clean CE, on a log axis, so
 the good end of a K sweep is not squashed onto the clean line) and FVU against mean L0, active components per
 MLP reconstruction and active parameters (definitions in
-``pipeline.evaluate._sparsity_axes``), one line per method through its K sweep.
+``pipeline.eval.run._sparsity_axes``), one line per method through its K sweep.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 MODE_TITLES = {"all_layers": "all layers replaced at once", "single_layer": "one layer replaced at a time (mean over layers)"}
 FAMILY_ORDER = {"clean": 0, "zero": 1, "mean": 2, "neurons": 3, "sae": 4, "transcoder": 5, "clt": 6}
@@ -254,7 +254,7 @@ def _readable_log_ticks(axis) -> None:
 
 
 def _spec(layers: list[int]) -> str:
-    from pipeline.evaluate import layer_spec
+    from pipeline.eval.run import layer_spec
 
     return layer_spec(layers)
 

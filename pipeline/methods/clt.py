@@ -1,7 +1,7 @@
 """Cross-layer transcoder (CLT): per-layer encoders, triangular decoders.
 
-The same encoder family as ``pipeline.dictionary`` (one encoder per layer,
-sparsity from ``pipeline.sparsity``), but a latent of source layer i writes to
+The same encoder family as ``pipeline.methods.transcoder`` (one encoder per layer,
+sparsity from ``pipeline.methods.sparsity``), but a latent of source layer i writes to
 the MLP outputs of every layer j >= i of the run:
 
     y_hat_j = b_dec[j] + sum_{i <= j} a_i . W_dec[i][:, j - i]
@@ -11,7 +11,7 @@ Layers are addressed by model layer number at the edges (``cfg.layers``,
 position p = 0..n-1 inside, so LAYERS=0,2,5 works as well as 0-3.
 
 Storage: ``W_dec[p]`` is ``[n_latents, n - p, d_out]``, the per-source layout
-circuit-tracer uses, so export (``pipeline.export``) is a re-scaling, not a
+circuit-tracer uses, so export (``pipeline.export.circuit_tracer``) is a re-scaling, not a
 re-layout.
 
 Choices, and why:
@@ -47,7 +47,7 @@ Choices, and why:
   (random unit rows); cross-layer slices start at zero, so training starts from
   per-layer transcoders and grows cross-layer writes where the data asks for
   them (their gradient, a_i^T err_j, is not zero).
-- **Sparsity per source layer**, one piece of ``pipeline.sparsity`` each
+- **Sparsity per source layer**, one piece of ``pipeline.methods.sparsity`` each
   (TopK, BatchTopK with its own inference threshold, JumpReLU, L1); for the
   penalised variants each layer's controller targets L0 = k. ``k`` is per
   source layer throughout.
@@ -70,12 +70,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline import checkpoint
-from pipeline.dictionary import MASSIVE_FACTOR, fvu_metrics, geometric_median
-from pipeline.errors import UserError
-from pipeline.sparsity import SPARSITY, Codes, SelectedPreacts, SparseDecode, SparsePattern, SparsitySettings, make_sparsity
-from pipeline.train import MEMBER_BUILDERS, Member
+from pipeline.methods.transcoder import MASSIVE_FACTOR, fvu_metrics, geometric_median
+from pipeline.core.errors import UserError
+from pipeline.methods.sparsity import SPARSITY, Codes, SelectedPreacts, SparseDecode, SparsePattern, SparsitySettings, make_sparsity
+from pipeline.train.loop import MEMBER_BUILDERS, Member
 
-# MODEL=clt is clt-batchtopk: its inference threshold exports exactly to circuit-tracer (pipeline.export).
+# MODEL=clt is clt-batchtopk: its inference threshold exports exactly to circuit-tracer (pipeline.export.circuit_tracer).
 DEFAULT_SPARSITY = "batchtopk"
 
 

@@ -33,7 +33,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 TARGET_CHUNK_ROWS = 8192
 FORMAT_VERSION = 1

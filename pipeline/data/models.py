@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 # Hook templates. ``mlp_out`` is what the MLP block writes to the residual
 # stream (for Gemma that is after the post-feed-forward norm); ``mlp_out_raw``

@@ -1,7 +1,7 @@
 """One dictionary family: a transcoder from an input hook to a target hook.
 
 An SAE is the special case whose target is its input. The sparsity variant is
-a swappable piece (``pipeline.sparsity``); everything else is shared:
+a swappable piece (``pipeline.methods.sparsity``); everything else is shared:
 
 - decoder rows of unit norm; the gradient component parallel to each row is
   removed before every step and rows are renormalised after it (Bricken et al.
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
-from pipeline.sparsity import SPARSITY, Codes, SelectedPreacts, SparseDecode, SparsePattern, SparsitySettings, make_sparsity
+from pipeline.core.errors import UserError
+from pipeline.methods.sparsity import SPARSITY, Codes, SelectedPreacts, SparseDecode, SparsePattern, SparsitySettings, make_sparsity
 
 KINDS = ("transcoder", "sae")
 MASSIVE_FACTOR = 5.0

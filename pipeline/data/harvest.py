@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import corpora
-from pipeline.errors import UserError
-from pipeline.models import HOOKS, LoadedLM, load_lm
-from pipeline.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, StoreWriter, check_finite, chunk_rows_for, canonical_hash, meta_lock, writer_lock
-from pipeline.tokens import DEFAULT_CTX, TokenTable, pack
+from pipeline.data import corpora
+from pipeline.core.errors import UserError
+from pipeline.data.models import HOOKS, LoadedLM, load_lm
+from pipeline.data.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, StoreWriter, check_finite, chunk_rows_for, canonical_hash, meta_lock, writer_lock
+from pipeline.data.tokens import DEFAULT_CTX, TokenTable, pack
 
 
 def parse_layers(text: str) -> list[int]:

@@ -40,9 +40,9 @@ from typing import Callable
 import torch
 
 from pipeline import checkpoint
-from pipeline.errors import UserError
-from pipeline.loader import ActivationLoader, Key
-from pipeline.store import canonical_hash
+from pipeline.core.errors import UserError
+from pipeline.data.loader import ActivationLoader, Key
+from pipeline.data.store import canonical_hash
 
 PARTIAL = "partial"
 CURVES = "curves.png"

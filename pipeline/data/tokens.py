@@ -19,8 +19,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.corpora import Document
-from pipeline.errors import UserError
+from pipeline.data.corpora import Document
+from pipeline.core.errors import UserError
 
 DEFAULT_CTX = 128
 TOKENIZE_BATCH = 256

@@ -56,10 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline import corpora
-from pipeline.baselines import NeuronSplice, mean_ablation, mlp_parameters, weights_per_hidden_unit, zero_ablation
-from pipeline.errors import UserError
-from pipeline.splice import CLTSplice, DictionarySplice, Splice, final_hidden, logits
+from pipeline.data import corpora
+from pipeline.eval.baselines import NeuronSplice, mean_ablation, mlp_parameters, weights_per_hidden_unit, zero_ablation
+from pipeline.core.errors import UserError
+from pipeline.eval.splice import CLTSplice, DictionarySplice, Splice, final_hidden, logits
 
 EVAL_BATCH = 8  # sequences per forward; fixed so reference and splices share exactly the same batches
 MODES = ("single_layer", "all_layers")
@@ -107,13 +107,13 @@ class EvalConfig:
 
     @property
     def train_store(self) -> Path:
-        from pipeline.harvest import store_path
+        from pipeline.data.harvest import store_path
 
         return store_path(self.data_dir, self.lm, self.data, "train", self.ctx)
 
 
 def load_model(cfg: EvalConfig):
-    from pipeline.models import load_lm
+    from pipeline.data.models import load_lm
 
     lm = load_lm(cfg.lm, cfg.data_dir)
     if cfg.dtype != "float32":
@@ -123,7 +123,7 @@ def load_model(cfg: EvalConfig):
 
 def eval_tokens(lm, cfg: EvalConfig) -> Tensor:
     """The first ``cfg.n_seq`` windows of the eval split, [n_seq, ctx] int64."""
-    from pipeline.harvest import token_table
+    from pipeline.data.harvest import token_table
 
     # The whole split is packed to know its size: it is 5% of the corpus.
     table = token_table(lm, cfg.data, "eval", cfg.ctx, None, cfg.text_field)
@@ -508,7 +508,7 @@ def reference(lm, cfg: EvalConfig, progress: bool = False) -> Reference:
 
 
 def _clean_pass(lm, tokens: Tensor, progress: bool) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
-    from pipeline.splice import rows_of, splice_hook_name
+    from pipeline.eval.splice import rows_of, splice_hook_name
 
     norms: dict[int, list[Tensor]] = {l: [] for l in range(lm.n_layers)}
 

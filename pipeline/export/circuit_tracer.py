@@ -47,9 +47,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline import checkpoint
-from pipeline.clt import CLTConfig, CrossLayerTranscoder
-from pipeline.errors import UserError
-from pipeline.sparsity import SparsitySettings
+from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
+from pipeline.core.errors import UserError
+from pipeline.methods.sparsity import SparsitySettings
 
 CONFIG = "config.yaml"
 # Our hooks relative to ``blocks.{layer}``, as circuit-tracer names them (TransformerLens names).
