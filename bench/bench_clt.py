@@ -32,10 +32,12 @@ from pathlib import Path
 import torch
 
 from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
-from pipeline.data.harvest import parse_layers
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
+from pipeline.core.layers import parse_layers
 from pipeline.data.store import HarvestStore
-from pipeline.train.loop import Member, TrainConfig, _keys, _train_step, select
+from pipeline.methods.base import TrainJob, as_keys, select
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import train_step
 
 DEFAULT_STORE = Path("data/harvest/smollm2-135m/bbc/train-ctx128.zarr")
 
@@ -51,20 +53,20 @@ def load_batches(store: HarvestStore, layers: list[int], batch: int, n: int) -> 
              for layer in layers for hook in ("mlp_in", "mlp_out")} for i in range(n)]
 
 
-def build(kind: str, store: HarvestStore, layers: list[int], args) -> list[tuple[Member, torch.optim.Optimizer]]:
+def build(kind: str, store: HarvestStore, layers: list[int], args) -> list[tuple[TrainJob, torch.optim.Optimizer]]:
     d = store.d_model
     n_latents = args.latents or 8 * d
     if kind == "clt":
         module = CrossLayerTranscoder(CLTConfig(variant=args.variant, k=args.k, d_in=d, d_out=d, n_latents=n_latents,
                                                 layers=tuple(layers)))
-        members = [Member(module, tuple((l, "mlp_in") for l in layers), tuple((l, "mlp_out") for l in layers), Path("clt"))]
+        members = [TrainJob(module, tuple((l, "mlp_in") for l in layers), tuple((l, "mlp_out") for l in layers), Path("clt"))]
     else:
-        members = [Member(Dictionary(DictionaryConfig(variant=args.variant, k=args.k, d_in=d, d_out=d, n_latents=n_latents,
+        members = [TrainJob(Transcoder(TranscoderConfig(variant=args.variant, k=args.k, d_in=d, d_out=d, n_latents=n_latents,
                                                       layer=l, seed=l)), (l, "mlp_in"), (l, "mlp_out"), Path(f"L{l}"))
                    for l in layers]
     out = []
     for m in members:
-        stats = {key: store.stats(*key) for key in _keys(m.input_key) + _keys(m.target_key)}
+        stats = {key: store.stats(*key) for key in as_keys(m.input_key) + as_keys(m.target_key)}
         m.module.init_from_stats(select(stats, m.input_key), select(stats, m.target_key))
         m.module.train()
         out.append((m, torch.optim.Adam(m.module.parameters(), lr=1e-4, fused=True)))
@@ -80,7 +82,7 @@ def step(members, batch: dict, cfg: TrainConfig, first: bool) -> None:
     for m, opt in members:
         if first:
             m.module.init_from_batch(select(batch, m.input_key), select(batch, m.target_key))
-        _train_step(m, opt, batch, 1e-4, cfg, with_metrics=False)
+        train_step(m, opt, batch, 1e-4, cfg, with_metrics=False)
 
 
 def memory_child(args, store, layers) -> None:

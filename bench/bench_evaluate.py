@@ -29,10 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
-from pipeline.eval.run import EVAL_BATCH, CleanBatch, EvalConfig, JobStats, eval_tokens, load_checkpoints, load_model
-from pipeline.data.harvest import parse_layers
-from pipeline.eval.splice import DictionarySplice, final_hidden, logits
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
+from pipeline.eval.config import EVAL_BATCH, EvalConfig, eval_tokens, load_model
+from pipeline.eval.methods import load_checkpoints
+from pipeline.eval.stats import CleanBatch, JobStats
+from pipeline.core.layers import parse_layers
+from pipeline.eval.splice import DecompositionSplice, final_hidden, logits
+from pipeline.methods.transcoder import LayerwiseDecomposition
 
 
 def main() -> None:
@@ -57,8 +60,8 @@ def main() -> None:
         what = f"checkpoints {', '.join(args.ckpt)}"
     else:
         d = lm.d_model
-        splice = DictionarySplice({l: Dictionary(DictionaryConfig(variant="topk", k=32, d_in=d, d_out=d, n_latents=8 * d,
-                                                                 layer=l, seed=l)).eval() for l in layers})
+        splice = DecompositionSplice(LayerwiseDecomposition({l: Transcoder(TranscoderConfig(variant="topk", k=32, d_in=d, d_out=d, n_latents=8 * d,
+                                                                 layer=l, seed=l)).eval() for l in layers}))
         what = f"random TopK transcoders, {8 * lm.d_model} latents, k=32"
     batches = [tokens[i : i + EVAL_BATCH] for i in range(0, tokens.shape[0], EVAL_BATCH)]
     d = lm.d_model

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data.harvest import HarvestConfig, _StopForward, harvest, parse_layers, token_table
+from pipeline.core.layers import parse_layers
+from pipeline.data.harvest import HarvestConfig, harvest, token_table
+from pipeline.data.models import StopForward
 from pipeline.data.models import load_lm
 from pipeline.data.store import chunk_rows_for
 from stages.common import quiet_libraries
@@ -48,13 +50,13 @@ def main() -> None:
 
     def bare():
         def stop(*_):
-            raise _StopForward
+            raise StopForward
         h = stop_layer.register_forward_hook(stop)
         with torch.inference_mode():
             for ids in batches:
                 try:
                     lm.hf_model(ids)
-                except _StopForward:
+                except StopForward:
                     pass
         h.remove()
 

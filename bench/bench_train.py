@@ -31,12 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.data.loader import ActivationLoader, LoaderConfig
-from pipeline.methods.sparsity import Codes, SparsePattern
+from pipeline.methods.codes import SparseCodes
+from pipeline.methods.kernels import SparsePattern
 from pipeline.data.store import HarvestStore
 from pipeline.data.toy import ToyConfig, write_toy_store
-from pipeline.train.loop import Member, TrainConfig, _train_step, param_groups
+from pipeline.methods.base import TrainJob
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import param_groups, train_step
 
 
 def timed(fn, repeat: int) -> float:
@@ -54,10 +57,10 @@ def train_rate(store, layer, ks, steps, batch, variant="topk") -> float:
     cfg = TrainConfig(tokens=10**9, batch_size=batch, wandb="disabled", progress=False, log_every=10**9)
     members = []
     for k in ks:
-        module = Dictionary(DictionaryConfig(variant=variant, k=k, d_in=d, d_out=d, n_latents=8 * d, seed=k))
+        module = Transcoder(TranscoderConfig(variant=variant, k=k, d_in=d, d_out=d, n_latents=8 * d, seed=k))
         module.init_from_stats(store.stats(*keys[0]), store.stats(*keys[1]))
         module.train()
-        members.append((Member(module, keys[0], keys[1], Path("unused")), torch.optim.Adam(param_groups(module), fused=True)))
+        members.append((TrainJob(module, keys[0], keys[1], Path("unused")), torch.optim.Adam(param_groups(module), fused=True)))
     loader = ActivationLoader(store, keys, LoaderConfig(batch_size=batch, seed=0))
     n, t0 = 0, None
     for batch_data in loader:
@@ -67,7 +70,7 @@ def train_rate(store, layer, ks, steps, batch, variant="topk") -> float:
         if n == 2:
             t0 = time.perf_counter()
         for m, opt in members:
-            _train_step(m, opt, batch_data, 1e-4, cfg, with_metrics=False)
+            train_step(m, opt, batch_data, 1e-4, cfg, with_metrics=False)
         n += 1
         if n == steps + 2:
             break
@@ -117,10 +120,10 @@ def decode_times(d, batch, k, repeat) -> tuple[float, float]:
     grad = torch.randn(batch, d)
 
     def sparse():
-        out = Codes(n, values=values, pattern=SparsePattern.from_topk(idx, n)).decode(W_dec)
+        out = SparseCodes(values, SparsePattern.from_topk(idx, n)).decode(W_dec)
         out.backward(grad)
 
-    dense_acts = Codes(n, values=values.detach(), pattern=pattern).to_dense().requires_grad_()
+    dense_acts = SparseCodes(values.detach(), pattern).to_dense().requires_grad_()
 
     def dense():
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -2,58 +2,34 @@
 
 Final checkpoints are written into a temporary sibling directory and swapped
 in by rename, with a ``done`` marker written last: a directory without
-``done`` is never taken as finished. Training state for resume (optimiser,
-step, loader position, RNG, history) lives apart in ``partial/`` (see
-``pipeline.train.loop``).
+``done`` is never taken as finished. Training state for resume lives apart in
+``partial/`` (``pipeline.train.resume``).
 
-``load(path)`` rebuilds any checkpoint: the config names its module family,
-looked up in ``FAMILIES`` (the cross-layer transcoder registers itself there).
+``load(path)`` returns a typed ``Checkpoint`` (its module, config, origin and
+training facts) in one trip: the config names its method family, and the
+module is built by that method's spec from ``pipeline.methods.REGISTRY``.
+This module imports no method.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.core.errors import UserError
+from pipeline.core.io import folder_atomic
+from pipeline.methods import REGISTRY
+from pipeline.methods.base import MethodSpec
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 DONE = "done"
-
-FAMILIES: dict[str, Callable[[dict], nn.Module]] = {}
-
-
-def register_family(name: str, from_config: Callable[[dict], nn.Module]) -> None:
-    FAMILIES[name] = from_config
-
-
-def _families() -> dict[str, Callable[[dict], nn.Module]]:
-    import pipeline.methods.clt  # noqa: F401  (registers the cross-layer transcoder family)
-    from pipeline.methods.transcoder import Dictionary
-
-    FAMILIES.setdefault(Dictionary.family, Dictionary.from_config_dict)
-    return FAMILIES
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def torch_save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def is_done(path: Path) -> bool:
@@ -61,7 +37,13 @@ def is_done(path: Path) -> bool:
 
 
 def read_config(path: Path) -> dict:
-    return json.loads((Path(path) / CONFIG).read_text())
+    try:
+        config = json.loads((Path(path) / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/{CONFIG} is unreadable ({e.__class__.__name__}); delete {path} and train it again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}/{CONFIG} is not a checkpoint config; delete {path} and train it again")
+    return config
 
 
 def save(module: nn.Module, path: Path, metadata: dict, extra_files: dict[str, Callable[[Path], None]] | None = None) -> None:
@@ -69,43 +51,53 @@ def save(module: nn.Module, path: Path, metadata: dict, extra_files: dict[str, C
 
     ``extra_files`` maps a file name to a writer (e.g. the training-curves PNG).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(tensors, tmp / WEIGHTS)
-    config = {**module.config_dict(), "metadata": metadata}
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    for name, write in (extra_files or {}).items():
-        write(tmp / name)
-    (tmp / DONE).write_text("")
-    publish_dir(tmp, path)
+    with folder_atomic(path) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, tmp / WEIGHTS)
+        config = {**module.config_dict(), "metadata": metadata}
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        (tmp / DONE).write_text("")
 
 
-def publish_dir(tmp: Path, path: Path) -> None:
-    """Move a fully written folder into place, replacing any older one.
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    module: nn.Module
+    spec: MethodSpec
 
-    Readers see the old folder or the new one, never a half-written one; only
-    between the two renames is there none at all.
-    """
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    @property
+    def metadata(self) -> dict:
+        return self.config.get("metadata", {})
+
+    @property
+    def origin(self) -> dict:
+        """The training store's identity: lm, lm_weights_sha256, data, split, ctx, n_rows."""
+        return self.metadata.get("store_manifest", {})
+
+    @property
+    def train_facts(self) -> dict:
+        meta = self.metadata
+        return {k: meta.get(k) for k in ("train_hash", "tokens", "steps", "store_manifest_hash")}
 
 
-def load(path: str | Path, device: str = "cpu") -> nn.Module:
-    """Any finished checkpoint directory back into its module (eval mode)."""
+def load(path: str | Path, device: str = "cpu") -> Checkpoint:
+    """Any finished checkpoint directory: its module (eval mode) and what it records."""
     path = Path(path)
     if not is_done(path):
         raise UserError(f"{path} is not a finished checkpoint (no {DONE} marker); train it first")
     config = read_config(path)
-    families = _families()
-    if config.get("family") not in families:
-        raise UserError(f"{path}: unknown checkpoint family {config.get('family')!r}; known: {', '.join(families)}")
-    module = families[config["family"]](config)
-    module.load_state_dict(load_file(path / WEIGHTS, device=device))
-    return module.to(device).eval()
+    spec = REGISTRY.get(str(config.get("family")))
+    try:
+        module = spec.build(config)
+        module.load_state_dict(load_file(path / WEIGHTS, device=device))
+    except (TypeError, KeyError, ValueError, RuntimeError, OSError, SafetensorError) as e:
+        raise UserError(f"checkpoint {path} is damaged or from another version ({e.__class__.__name__}); "
+                        f"delete it and train it again") from None
+    return Checkpoint(path, config, module.to(device).eval(), spec)
+
+
+def load_module(path: str | Path, device: str = "cpu") -> nn.Module:
+    return load(path, device).module

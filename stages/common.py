@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
-from pathlib import Path
 
 import typer
 
-from pipeline.core.errors import UserError
+from pipeline.core.errors import Interrupted, UserError
 
 
 def quiet_libraries() -> None:
@@ -33,12 +31,19 @@ def stage(fn):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except Interrupted as e:
+            print(f"interrupted: {e}", file=sys.stderr)
+            raise typer.Exit(130) from None
 
     return run
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def parse_ints(text: str, what: str) -> list[int]:
+    """'8,16,32' -> [8, 16, 32], in the order given; anything else is one clear error."""
+    try:
+        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"{what}='{text}' must be an integer or a comma list of integers, e.g. 8,16,32") from None
+    if not values:
+        raise UserError(f"{what} is empty")
+    return values

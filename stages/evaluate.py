@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from pipeline.core.errors import UserError
-from stages.common import stage
+from stages.common import parse_ints, stage
 
 DEFAULT_EVAL_TOKENS = 4096
 EVAL_DIR_HELP = ("folder of this eval set: cached reference, one folder per method, report "
@@ -16,7 +16,7 @@ EVAL_DIR_HELP = ("folder of this eval set: cached reference, one folder per meth
 
 
 def _modes(text: str) -> tuple[str, ...]:
-    from pipeline.eval.run import MODES
+    from pipeline.eval.config import MODES
 
     aliases = {"single": "single_layer", "all": "all_layers"}
     modes = tuple(aliases.get(m.strip(), m.strip()) for m in text.split(",") if m.strip())
@@ -27,11 +27,8 @@ def _modes(text: str) -> tuple[str, ...]:
 
 
 def _ks(text: str) -> list[int]:
-    try:
-        ks = sorted({int(k) for k in str(text).split(",") if k.strip()})
-    except ValueError:
-        raise UserError(f"K='{text}' must be a comma list of integers, e.g. 8,16,32,64") from None
-    if not ks or ks[0] <= 0:
+    ks = sorted(set(parse_ints(text, "K")))
+    if ks[0] <= 0:
         raise UserError(f"K='{text}' must hold positive integers, e.g. 8,16,32,64")
     return ks
 
@@ -56,7 +53,10 @@ def evaluate(
     layers at once, and one at a time); several configurations (or CLTs) in
     CKPT are evaluated in one pass over the eval tokens, one metrics.json each.
     """
-    from pipeline.eval.run import EvalConfig, checkpoint_origin, evaluate_methods, load_checkpoints, load_model, write_metrics
+    from pipeline.eval.config import EvalConfig, load_model
+    from pipeline.eval.methods import checkpoint_origin, load_checkpoints
+    from pipeline.eval.metrics import write_metrics
+    from pipeline.eval.run import evaluate_methods
 
     origin = checkpoint_origin(ckpt)
     cfg = EvalConfig(lm=lm or origin.get("lm", "smollm2-135m"), data=data or origin.get("data", "bbc"),
@@ -86,8 +86,11 @@ def baselines(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
     """Zero-ablation, mean-ablation and the neuron baseline over a K sweep; one metrics.json each."""
-    from pipeline.eval.run import EvalConfig, evaluate_methods, load_model, mean_method, neuron_method, write_metrics, zero_method
-    from pipeline.data.harvest import parse_layers
+    from pipeline.eval.config import EvalConfig, load_model
+    from pipeline.eval.methods import mean_method, neuron_method, zero_method
+    from pipeline.eval.metrics import write_metrics
+    from pipeline.eval.run import evaluate_methods
+    from pipeline.core.layers import parse_layers
 
     cfg = EvalConfig(lm=lm, data=data, ctx=ctx, eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
                      eval_dir=eval_dir)
@@ -113,7 +116,7 @@ def report(
     out_dir: Optional[Path] = typer.Option(None, help="where tables and plots go (default: <eval dir>/report)"),
 ):
     """Comparison table (CSV + Markdown) and Pareto plots (PNG + SVG) from every metrics.json of one eval set."""
-    from pipeline.eval.run import EvalConfig
+    from pipeline.eval.config import EvalConfig
     from pipeline.eval.report import build_report
 
     cfg = EvalConfig(lm=lm, data=data, ctx=ctx, eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
@@ -123,12 +126,12 @@ def report(
         print(path)
 
 
-def _summary(metrics: dict, path: Path) -> str:
-    parts = [metrics["name"]]
-    for mode, m in metrics["modes"].items():
-        rec = m.get("ce_recovered_zero")
-        parts.append(f"{mode}: ΔCE {m['delta_ce']:+.4f} KL {m['kl']:.4f}"
-                     + (f" FVU {m['fvu']:.3f}" if m.get("fvu") is not None else "")
-                     + (f" L0 {m['mean_l0']:.1f}" if m.get("mean_l0") is not None else "")
+def _summary(metrics, path: Path) -> str:
+    parts = [metrics.name]
+    for mode, m in metrics.modes.items():
+        rec = m.ce_recovered_zero
+        parts.append(f"{mode}: ΔCE {m.delta_ce:+.4f} KL {m.kl:.4f}"
+                     + (f" FVU {m.fvu:.3f}" if m.fvu is not None else "")
+                     + (f" L0 {m.mean_l0:.1f}" if m.mean_l0 is not None else "")
                      + (f" recovered {rec:.1f}%" if rec is not None else ""))
     return "evaluate: " + "; ".join(parts) + f" -> {path}"

@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from pipeline.core.errors import UserError
-from pipeline.data.harvest import HarvestConfig, harvest as run_harvest, parse_layers
+from pipeline.core.layers import parse_layers
+from pipeline.data.harvest import HarvestConfig, harvest as run_harvest
 from stages.common import stage
 
 

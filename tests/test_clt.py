@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import pipeline.train.loop
 from pipeline import checkpoint
 from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.core.errors import UserError
 from pipeline.export.circuit_tracer import export_circuit_tracer, load_circuit_tracer
 from pipeline.data.harvest import store_path
@@ -40,21 +40,14 @@ needs_fit = pytest.mark.skipif(not hasattr(pipeline.train.loop, "MEMBER_BUILDERS
                                reason="fit() does not take multi-layer members yet")
 
 
-def _stage_reads_clt_keys() -> bool:
-    """The train stage hands the loader each layer's keys of a CLT member (the integration patch)."""
-    import stages.train
-
-    return hasattr(stages.train, "_keys")
-
-
 # ----- helpers -----------------------------------------------------------------------
 
-def per_layer_transcoders(variant: str, layers, seed: int = 0, d: int = D, out_scale: float = 2.0) -> dict[int, Dictionary]:
+def per_layer_transcoders(variant: str, layers, seed: int = 0, d: int = D, out_scale: float = 2.0) -> dict[int, Transcoder]:
     """Transcoders with non-trivial biases, scales and sparsity state."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for layer in layers:
-        t = Dictionary(DictionaryConfig(variant=variant, k=K, d_in=d, d_out=d, n_latents=N_LATENTS, layer=layer,
+        t = Transcoder(TranscoderConfig(variant=variant, k=K, d_in=d, d_out=d, n_latents=N_LATENTS, layer=layer,
                                         seed=seed + layer))
         with torch.no_grad():
             t.b_enc.copy_(0.1 * torch.randn(N_LATENTS, generator=gen))
@@ -69,7 +62,7 @@ def per_layer_transcoders(variant: str, layers, seed: int = 0, d: int = D, out_s
     return out
 
 
-def clt_from(transcoders: dict[int, Dictionary]) -> CrossLayerTranscoder:
+def clt_from(transcoders: dict[int, Transcoder]) -> CrossLayerTranscoder:
     """A CLT holding exactly these transcoders' weights, with zero cross-layer slices."""
     layers = tuple(sorted(transcoders))
     c = transcoders[layers[0]].cfg
@@ -120,12 +113,12 @@ def test_zero_cross_slices_behave_like_per_layer_transcoders(variant):
     # decoder slices get the transcoders' gradients (bf16 matmuls included).
     clt.train()
     y = random_inputs(layers, seed=2)
-    loss, _, _ = clt.training_loss(x, y, dead=None)
+    loss = clt.training_step(x, y, dead=None).loss
     loss.backward()
     total = 0.0
     for p, (layer, t) in enumerate(transcoders.items()):
         t.train()
-        t_loss, _, _ = t.training_loss(x[layer].clone(), y[layer].clone(), dead=None)
+        t_loss = t.training_step(x[layer].clone(), y[layer].clone(), dead=None).loss
         t_loss.backward()
         total = total + t_loss.detach()
         torch.testing.assert_close(clt.W_enc[p].grad, t.W_enc.grad, rtol=1e-5, atol=1e-7)
@@ -141,7 +134,8 @@ def test_zero_cross_slices_behave_like_per_layer_transcoders(variant):
 def test_zero_cross_slices_splice_live_like_per_layer_transcoders(models_root, variant):
     """evaluate's live splice (pipeline.eval.splice) of the real CLT on the tiny model."""
     from pipeline.data.models import ensure_model, load_lm
-    from pipeline.eval.splice import CLTSplice, DictionarySplice, final_hidden
+    from pipeline.eval.splice import DecompositionSplice, final_hidden
+    from pipeline.methods.transcoder import LayerwiseDecomposition
 
     ensure_model("tiny-llama", models_root)
     lm = load_lm("tiny-llama", models_root)
@@ -150,8 +144,8 @@ def test_zero_cross_slices_splice_live_like_per_layer_transcoders(models_root, v
     transcoders = {l: t.eval() for l, t in per_layer_transcoders(variant, (0, 1, 2), d=lm.d_model, out_scale=20.0).items()}
     clt = clt_from(transcoders).eval()
     for replace in ([0, 1, 2], [2]):
-        want = final_hidden(lm, tokens, DictionarySplice(transcoders).hooks(lm, replace, None))
-        got = final_hidden(lm, tokens, CLTSplice(clt).hooks(lm, replace, None))
+        want = final_hidden(lm, tokens, DecompositionSplice(LayerwiseDecomposition(transcoders)).hooks(lm, replace, None))
+        got = final_hidden(lm, tokens, DecompositionSplice(clt).hooks(lm, replace, None))
         assert not torch.allclose(want, final_hidden(lm, tokens, []))  # the splice does change the stream
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -178,7 +172,7 @@ def test_config_is_validated_with_the_bad_field_named():
     base = dict(variant="topk", k=4, d_in=D, d_out=D, n_latents=N_LATENTS, layers=(0, 1))
     with pytest.raises(UserError, match="0 < K < LATENTS"):
         CLTConfig(**{**base, "k": N_LATENTS})
-    with pytest.raises(UserError, match="unknown CLT sparsity"):
+    with pytest.raises(UserError, match="unknown MODEL sparsity"):
         CLTConfig(**{**base, "variant": "top"})
     with pytest.raises(UserError, match="increasing"):
         CLTConfig(**{**base, "layers": (1, 0)})
@@ -188,20 +182,22 @@ def test_config_is_validated_with_the_bad_field_named():
 
 
 def test_train_stage_builds_one_clt_per_k_beside_the_per_layer_dictionaries(tmp_path):
-    from pipeline.train.loop import MEMBER_BUILDERS
+    from pipeline.train.jobs import build_jobs
 
     store = write_toy_store(tmp_path / "toy.zarr", ToyConfig(d_model=D, n_features=32, n_layers=3, n_rows=1024))
-    out = lambda variant, k, layer: tmp_path / "train" / "transcoder" / f"{variant}-k{k}-L{layer}"  # noqa: E731
-    args = dict(store=store, ks=[4, 8], layers=[0, 1, 2], latents=N_LATENTS, seed=0, kind="transcoder", out=out)
-    members = MEMBER_BUILDERS["clt"](variants=["clt"], **args)
+    out = lambda group, name: tmp_path / "train" / group / name  # noqa: E731
+    args = dict(store=store, ks=(4, 8), layers=(0, 1, 2), n_latents=N_LATENTS, seed=0, kind="transcoder", out=out)
+    members = build_jobs(["clt"], **args)
     assert [m.out_dir for m in members] == [tmp_path / "train" / "clt" / f"clt-batchtopk-k{k}-L0-2" for k in (4, 8)]
     assert members[0].input_key == ((0, "mlp_in"), (1, "mlp_in"), (2, "mlp_in"))
     assert members[1].target_key == ((0, "mlp_out"), (1, "mlp_out"), (2, "mlp_out"))
     assert [m.module.cfg.k for m in members] == [4, 8] and members[0].module.cfg.seed != members[1].module.cfg.seed
-    assert MEMBER_BUILDERS["clt-jumprelu"](variants=["clt-jumprelu"], **args)[0].module.cfg.variant == "jumprelu"
-    assert MEMBER_BUILDERS["clt"](variants=["clt", "clt-batchtopk"], **args) == []  # one CLT, not two
+    assert build_jobs(["clt-jumprelu"], **args)[0].module.cfg.variant == "jumprelu"
+    assert len(build_jobs(["clt", "clt-batchtopk"], **args)) == 2  # one CLT per K, not two
+    mixed = build_jobs(["topk", "clt"], **args)
+    assert [m.out_dir.parent.name for m in mixed].count("transcoder") == 6 and len(mixed) == 8
     with pytest.raises(UserError, match="KIND=transcoder"):
-        MEMBER_BUILDERS["clt"](variants=["clt"], **{**args, "kind": "sae"})
+        build_jobs(["clt"], **{**args, "kind": "sae"})
 
 
 # ----- (3) export ------------------------------------------------------------------------------
@@ -237,7 +233,7 @@ def test_export_round_trips_with_identical_outputs(tmp_path, variant):
     clt = trained_looking_clt(variant)
     ckpt = tmp_path / "ckpt"
     checkpoint.save(clt, ckpt, {"lm": "tiny-llama"})
-    loaded = checkpoint.load(ckpt)  # our own checkpoint format first
+    loaded = checkpoint.load_module(ckpt)  # our own checkpoint format first
     x = random_inputs(clt.cfg.layers, rows=300)
     with torch.no_grad():
         want = clt(x)
@@ -351,21 +347,22 @@ def model_unit_rows(clt: CrossLayerTranscoder, p: int) -> np.ndarray:
         return (clt.W_dec[p] / clt.target_scale[p:, None]).flatten(1).numpy()
 
 
-@needs_fit
 def test_planted_cross_layer_features_are_recovered(tmp_path, one_thread):
-    from pipeline.train.loop import Member, TrainConfig, train_members
+    from pipeline.methods.base import TrainJob
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.jobs import train_jobs
 
     truth = planted_truth()
     store = write_planted_store(tmp_path / "planted.zarr", truth)
     layers = tuple(range(PLANT_LAYERS))
     clt = CrossLayerTranscoder(CLTConfig(variant="topk", k=3, d_in=D, d_out=D, n_latents=96, layers=layers, seed=3))
-    member = Member(clt, tuple((i, "mlp_in") for i in layers), tuple((i, "mlp_out") for i in layers), tmp_path / "clt")
+    member = TrainJob(clt, tuple((i, "mlp_in") for i in layers), tuple((i, "mlp_out") for i in layers), tmp_path / "clt")
     keys = [(i, h) for i in layers for h in ("mlp_in", "mlp_out")]
     cfg = TrainConfig(tokens=6 * store.n_rows, batch_size=256, lr=1e-2, wandb="disabled", progress=False, log_every=20)
     with pytest.warns(UserWarning, match="reuses"):
-        train_members([member], lambda: ActivationLoader(store, keys, LoaderConfig(batch_size=256, seed=0)), cfg)
+        train_jobs([member], lambda: ActivationLoader(store, keys, LoaderConfig(batch_size=256, seed=0)), cfg)
 
-    trained = checkpoint.load(tmp_path / "clt")
+    trained = checkpoint.load_module(tmp_path / "clt")
     final = checkpoint.read_config(tmp_path / "clt")["metadata"]["final"]
     assert all(final[f"fvu_L{i}"] < 0.2 for i in layers), final  # TopK-3 with ~2 active: a small floor
     for i in layers:
@@ -404,14 +401,11 @@ def _stage_cmd(data_dir: Path) -> list[str]:
             "--data-dir", str(data_dir)]
 
 
-@needs_fit
 def test_kill_9_then_resume_gives_identical_clt_weights(tmp_path):
-    if not _stage_reads_clt_keys():
-        pytest.skip("the train stage does not serve a CLT's per-layer keys yet (CLT integration patch not applied)")
-    from stages.train import checkpoint_dir
+    from pipeline.core import paths
 
     def clt_checkpoint_dir(data_dir, sparsity):
-        return checkpoint_dir(data_dir, "smollm2-135m", "toy", TOY.ctx, "clt", f"clt-{sparsity}", 4, "0-1")
+        return paths.checkpoint(data_dir, "smollm2-135m", "toy", TOY.ctx, "clt", f"clt-{sparsity}-k4-L0-1")
 
     dirs = {}
     for name in ("ref", "run"):
@@ -423,7 +417,7 @@ def test_kill_9_then_resume_gives_identical_clt_weights(tmp_path):
     out = {s: clt_checkpoint_dir(dirs["run"], s) for s in ("batchtopk", "jumprelu")}
     proc = subprocess.Popen(_stage_cmd(dirs["run"]), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not list((out["jumprelu"] / "partial").glob("state-*-000000120.pt")) and time.time() < deadline \
+    while not list((out["jumprelu"] / "partial").glob("state-*-000000120.safetensors")) and time.time() < deadline \
             and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -440,4 +434,4 @@ def test_kill_9_then_resume_gives_identical_clt_weights(tmp_path):
         assert set(a) == set(b) and "W_dec.1" in a and a["W_dec.0"].shape == (64, 2, D)
         for name in a:
             assert torch.equal(a[name], b[name]), f"{sparsity}: {name} differs after resume"
-        assert isinstance(checkpoint.load(run), CrossLayerTranscoder)
+        assert isinstance(checkpoint.load_module(run), CrossLayerTranscoder)

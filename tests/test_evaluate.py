@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 
 from pipeline import checkpoint
 from pipeline.core.errors import UserError
-from pipeline.eval.run import EvalConfig, evaluate_methods, load_checkpoints, load_model, reference
+from pipeline.eval.config import EvalConfig, load_model
+from pipeline.eval.methods import load_checkpoints
+from pipeline.eval.reference import reference
+from pipeline.eval.run import evaluate_methods
 from pipeline.data.harvest import HarvestConfig, harvest
 from stages.evaluate import baselines, evaluate, report
 
@@ -67,12 +70,13 @@ def save_checkpoints(lm, folder: Path, modules: dict, origin: dict | None = None
 
 
 def test_identity_splice_reproduces_the_clean_ce_exactly(lm, cfg):
-    from pipeline.eval.run import Method
-    from pipeline.eval.splice import DictionarySplice
+    from pipeline.eval.methods import EvalMethod as Method
+    from pipeline.eval.splice import DecompositionSplice
+    from pipeline.methods.transcoder import LayerwiseDecomposition
 
     layers = (0, 1, 2, 3)
-    method = Method("identity", "identity", "sae", DictionarySplice({l: identity_sae(l) for l in layers}), layers, k=1)
-    (m,) = evaluate_methods(lm, cfg, [method])
+    method = Method("identity", "identity", "sae", DecompositionSplice(LayerwiseDecomposition({l: identity_sae(l) for l in layers})), layers, k=1)
+    (m,) = [r.to_json() for r in evaluate_methods(lm, cfg, [method])]
     for mode in ("single_layer", "all_layers"):
         s = m["modes"][mode]
         assert s["ce"] == m["clean_ce"]
@@ -111,7 +115,7 @@ def test_transcoder_checkpoints_metrics_match_direct_computation(lm, cfg, tmp_pa
     folder = save_checkpoints(lm, tmp_path / "transcoder-topk-k4", modules)
     (method,) = load_checkpoints(lm, [folder])
     assert method.layers == (1, 2) and method.family == "transcoder" and method.k == k
-    (m,) = evaluate_methods(lm, cfg, [method])
+    (m,) = [r.to_json() for r in evaluate_methods(lm, cfg, [method])]
     ref = reference(lm, cfg)
     single = m["modes"]["single_layer"]
     for layer in (1, 2):
@@ -168,10 +172,10 @@ def test_bad_input_gives_one_clear_line_and_exit_2(lm, cfg, tmp_path, case):
         args += ["--lm", "tiny-llama"]
         expect = "trained on activations of LM=smollm2-135m"
     elif case == "other_d":
-        from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+        from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 
         ckpt = save_checkpoints(lm, tmp_path / "set",
-                                {0: Dictionary(DictionaryConfig(variant="topk", k=2, d_in=32, d_out=32, n_latents=64))})
+                                {0: Transcoder(TranscoderConfig(variant="topk", k=2, d_in=32, d_out=32, n_latents=64))})
         expect = "maps d=32 -> d=32, but tiny-llama has d_model=64"
     elif case == "missing":
         ckpt = tmp_path / "nowhere"
@@ -207,7 +211,7 @@ def test_clt_checkpoint_is_evaluated_with_cross_layer_accounting(lm, cfg, tmp_pa
     checkpoint.save(make_clt([1, 2, 3], seed=30, cross_scale=0.05), path, {"store_manifest": origin})
     (method,) = load_checkpoints(lm, [path])
     assert method.family == "clt" and method.layers == (1, 2, 3) and method.k == 4
-    (m,) = evaluate_methods(lm, cfg, [method], modes=("all_layers",))
+    (m,) = [r.to_json() for r in evaluate_methods(lm, cfg, [method], modes=("all_layers",))]
     s = m["modes"]["all_layers"]
     l0 = [s["layers"][str(layer)]["l0"] for layer in (1, 2, 3)]
     assert all(0 < v <= 4 for v in l0)

@@ -11,7 +11,8 @@ import torch
 
 from conftest import REPO, run_nnd, tree_bytes
 from pipeline.core.errors import UserError
-from pipeline.data.harvest import HarvestConfig, capture, harvest, parse_layers, store_path, token_table
+from pipeline.core.layers import parse_layers
+from pipeline.data.harvest import HarvestConfig, capture, harvest, store_path, token_table
 from pipeline.data.models import load_lm
 from pipeline.data.store import HarvestStore, Root, writer_lock
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import pipeline.methods.sparsity as sp
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.methods.codes import DenseCodes, SparseCodes
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,20 +89,20 @@ def test_target_l0_controller_moves_the_coefficient_towards_k():
     for variant in ("vanilla", "jumprelu"):
         s = sp.make_sparsity(variant, 16, 4)
         before = float(s.coef)
-        s.update(sp.Codes(16, dense=torch.ones(3, 16)))  # L0 16 > k 4: penalise more
+        s.update(DenseCodes(torch.ones(3, 16)))  # L0 16 > k 4: penalise more
         assert float(s.coef) > before
         s2 = sp.make_sparsity(variant, 16, 4)
-        s2.update(sp.Codes(16, dense=torch.zeros(3, 16)))  # L0 0 < k: penalise less
+        s2.update(DenseCodes(torch.zeros(3, 16)))  # L0 0 < k: penalise less
         assert float(s2.coef) < before
     jr = sp.make_sparsity("jumprelu", 16, 4)
     before = jr.log_threshold.detach().clone()
-    jr.update(sp.Codes(16, dense=torch.ones(3, 16)))
+    jr.update(DenseCodes(torch.ones(3, 16)))
     assert (jr.log_threshold > before).all()  # JumpReLU also raises its thresholds directly
 
 
 def test_vanilla_l1_is_weighted_by_decoder_norms():
     s = sp.make_sparsity("vanilla", 3, 1)
-    codes = sp.Codes(3, dense=torch.tensor([[1.0, 2.0, 0.0]]))
+    codes = DenseCodes(torch.tensor([[1.0, 2.0, 0.0]]))
     W_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     base = float(s.penalty(codes, W_dec))
     W_dec[1] *= 3
@@ -111,14 +112,15 @@ def test_vanilla_l1_is_weighted_by_decoder_norms():
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
 def test_sparse_gradients_equal_dense_autograd(fp64, variant):
     """SelectedPreacts/SparseDecode (and AuxK) give the gradients of the dense formulation."""
-    cfg = DictionaryConfig(variant=variant, k=4, d_in=8, d_out=6, n_latents=32, aux_k=3)
-    d = Dictionary(cfg).double().train()
+    cfg = TranscoderConfig(variant=variant, k=4, d_in=8, d_out=6, n_latents=32, aux_k=3)
+    d = Transcoder(cfg).double().train()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(10, 8, generator=g, dtype=torch.float64)
     y = torch.randn(10, 6, generator=g, dtype=torch.float64)
     dead = torch.zeros(32, dtype=torch.bool)
     dead[5:20] = True
-    loss, _, codes = d.training_loss(x, y, dead)
+    out = d.training_step(x, y, dead)
+    loss, codes = out.loss, out.codes
     sparse_grads = torch.autograd.grad(loss, list(d.parameters()))
 
     pre = x @ d.W_enc.T + d.b_enc
@@ -139,7 +141,7 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="bandwidth"):
         sp.SparsitySettings(bandwidth=0)
     with pytest.raises(UserError, match="K=0"):
-        DictionaryConfig(variant="topk", k=0, d_in=4, d_out=4, n_latents=8)
+        TranscoderConfig(variant="topk", k=0, d_in=4, d_out=4, n_latents=8)
 
 
 def test_mostly_zero_dense_codes_decode_sparsely_with_the_same_gradients():
@@ -148,7 +150,7 @@ def test_mostly_zero_dense_codes_decode_sparsely_with_the_same_gradients():
     acts.requires_grad_()
     W_dec = torch.randn(100, 6, generator=g, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(40, 6, generator=g, dtype=torch.float64)
-    sparse_out = sp.Codes(100, dense=acts).decode(W_dec)
+    sparse_out = DenseCodes(acts).decode(W_dec)
     ga, gw = torch.autograd.grad(sparse_out, [acts, W_dec], grad)
     dense_out = acts @ W_dec
     da, dw = torch.autograd.grad(dense_out, [acts, W_dec], grad)
@@ -170,7 +172,7 @@ def test_jumprelu_sparse_training_path_equals_the_dense_formulation(fp64):
     with torch.no_grad():
         jr.log_threshold.copy_(torch.rand(64, generator=g, dtype=torch.float64))
     codes = jr.encode(x, W, b)
-    assert codes.is_sparse
+    assert isinstance(codes, SparseCodes)
     loss = (codes.decode(W_dec) - y).pow(2).sum() + jr.penalty(codes, W_dec)
     sparse = torch.autograd.grad(loss, [jr.log_threshold, W, b])
 

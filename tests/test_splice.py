@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
-from pipeline.eval.splice import CLTSplice, DictionarySplice, final_hidden, logits
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
+from pipeline.eval.splice import DecompositionSplice, final_hidden, logits
+from pipeline.methods.transcoder import LayerwiseDecomposition
 
 D = 64  # tiny-llama d_model
 
@@ -19,17 +20,17 @@ def tokens(lm):
     return ids
 
 
-def transcoder(layer: int, seed: int, k: int = 4, n_latents: int = 96) -> Dictionary:
-    module = Dictionary(DictionaryConfig(variant="topk", k=k, d_in=D, d_out=D, n_latents=n_latents, layer=layer, seed=seed))
+def transcoder(layer: int, seed: int, k: int = 4, n_latents: int = 96) -> Transcoder:
+    module = Transcoder(TranscoderConfig(variant="topk", k=k, d_in=D, d_out=D, n_latents=n_latents, layer=layer, seed=seed))
     with torch.no_grad():
         module.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
         module.W_dec.mul_(0.3)  # outputs the size of a real MLP's, so the stream stays sane
     return module.eval()
 
 
-def identity_sae(layer: int) -> Dictionary:
+def identity_sae(layer: int) -> Transcoder:
     """A real vanilla SAE that reconstructs its input exactly: relu(x) - relu(-x) = x."""
-    module = Dictionary(DictionaryConfig(variant="vanilla", k=1, d_in=D, d_out=D, n_latents=2 * D, kind="sae",
+    module = Transcoder(TranscoderConfig(variant="vanilla", k=1, d_in=D, d_out=D, n_latents=2 * D, kind="sae",
                                          layer=layer, input_hook="mlp_out", target_hook="mlp_out"))
     eye = torch.eye(D)
     with torch.no_grad():
@@ -67,14 +68,14 @@ def hf_logits(lm, tokens, replacements: dict[int, callable]) -> torch.Tensor:
 def test_clean_path_reproduces_the_models_own_logits_bit_for_bit(lm, tokens):
     with torch.inference_mode():
         ref = lm.bridge(tokens)
-    assert torch.equal(spliced_logits(lm, tokens, DictionarySplice({0: identity_sae(0)}), []), ref)
+    assert torch.equal(spliced_logits(lm, tokens, DecompositionSplice(LayerwiseDecomposition({0: identity_sae(0)})), []), ref)
 
 
 def test_identity_splice_at_every_layer_is_exact(lm, tokens):
-    clean = spliced_logits(lm, tokens, DictionarySplice({0: identity_sae(0)}), [])
+    clean = spliced_logits(lm, tokens, DecompositionSplice(LayerwiseDecomposition({0: identity_sae(0)})), [])
     layers = list(range(lm.n_layers))
     seen = []
-    spliced = spliced_logits(lm, tokens, DictionarySplice({l: identity_sae(l) for l in layers}), layers,
+    spliced = spliced_logits(lm, tokens, DecompositionSplice(LayerwiseDecomposition({l: identity_sae(l) for l in layers})), layers,
                              lambda layer, target, recon, acts: seen.append((layer, torch.equal(target, recon))))
     assert torch.equal(spliced, clean)
     assert seen == [(l, True) for l in layers]
@@ -82,7 +83,7 @@ def test_identity_splice_at_every_layer_is_exact(lm, tokens):
 
 def test_all_layer_transcoders_see_the_upstream_replacements(lm, tokens):
     modules = {1: transcoder(1, seed=1), 3: transcoder(3, seed=3)}
-    splice = DictionarySplice(modules)
+    splice = DecompositionSplice(LayerwiseDecomposition(modules))
     got = spliced_logits(lm, tokens, splice, [1, 3])
     want = hf_logits(lm, tokens, {l: m for l, m in modules.items()})
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -99,7 +100,7 @@ def test_all_layer_transcoders_see_the_upstream_replacements(lm, tokens):
 def test_record_reports_the_live_mlp_output_and_the_reconstruction(lm, tokens):
     modules = {0: transcoder(0, seed=0), 2: transcoder(2, seed=2)}
     records = {}
-    spliced_logits(lm, tokens, DictionarySplice(modules), [0, 2],
+    spliced_logits(lm, tokens, DecompositionSplice(LayerwiseDecomposition(modules)), [0, 2],
                    lambda layer, target, recon, acts: records.setdefault(layer, (target, recon, acts)))
     # the live input of layer 2 (after layer 0 was replaced), captured independently
     captured = {}
@@ -131,7 +132,7 @@ def make_clt(layers, seed: int, cross_scale: float = 0.0):
     return clt.eval()
 
 
-def clt_as_transcoders(clt) -> dict[int, Dictionary]:
+def clt_as_transcoders(clt) -> dict[int, Transcoder]:
     """Per-layer transcoders with the CLT's encoders and same-layer decoders."""
     out = {}
     for p, layer in enumerate(clt.cfg.layers):
@@ -149,16 +150,16 @@ def clt_as_transcoders(clt) -> dict[int, Dictionary]:
 
 def test_clt_with_zero_cross_decoders_equals_per_layer_transcoders(lm, tokens):
     clt = make_clt([0, 1, 2], seed=10)
-    per_layer = DictionarySplice(clt_as_transcoders(clt))
+    per_layer = DecompositionSplice(LayerwiseDecomposition(clt_as_transcoders(clt)))
     for replace in ([0, 1, 2], [2]):
-        torch.testing.assert_close(spliced_logits(lm, tokens, CLTSplice(clt), replace),
+        torch.testing.assert_close(spliced_logits(lm, tokens, DecompositionSplice(clt), replace),
                                    spliced_logits(lm, tokens, per_layer, replace), rtol=1e-6, atol=1e-6)
 
 
 def test_clt_is_spliced_live_with_cross_layer_contributions(lm, tokens):
     layers = [0, 1, 2]
     clt = make_clt(layers, seed=20, cross_scale=0.05)
-    got = spliced_logits(lm, tokens, CLTSplice(clt), layers)
+    got = spliced_logits(lm, tokens, DecompositionSplice(clt), layers)
     # by hand: HF hooks, each MLP replaced from the live inputs of it and the layers before it
     live: dict[int, torch.Tensor] = {}
 
@@ -170,7 +171,7 @@ def test_clt_is_spliced_live_with_cross_layer_contributions(lm, tokens):
 
     want = hf_logits(lm, tokens, {j: replace(j) for j in layers})
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (got - spliced_logits(lm, tokens, DictionarySplice(clt_as_transcoders(clt)), layers)).abs().max() > 1e-3
+    assert (got - spliced_logits(lm, tokens, DecompositionSplice(LayerwiseDecomposition(clt_as_transcoders(clt))), layers)).abs().max() > 1e-3
 
     # single-layer mode at layer 2: the sources 0 and 1 see the clean stream, so the
     # reconstruction is the CLT's own forward on clean MLP inputs
@@ -183,7 +184,7 @@ def test_clt_is_spliced_live_with_cross_layer_contributions(lm, tokens):
         for h in handles:
             h.remove()
     records = {}
-    spliced_logits(lm, tokens, CLTSplice(clt), [2], lambda layer, target, recon, acts: records.update({layer: recon}))
+    spliced_logits(lm, tokens, DecompositionSplice(clt), [2], lambda layer, target, recon, acts: records.update({layer: recon}))
     assert list(records) == [2]
     with torch.no_grad():
         torch.testing.assert_close(records[2], clt(clean_inputs)[2], rtol=1e-5, atol=1e-6)

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.core.errors import UserError
 from pipeline.data.loader import ActivationLoader, LoaderConfig
 from pipeline.data.store import HarvestStore
 from pipeline.data.toy import ToyConfig, load_truth, recovered_fraction, toy_rows, write_toy_store
-from pipeline.train.loop import Member, TrainConfig, train_members
+from pipeline.methods.base import TrainJob
+from pipeline.train.config import TrainConfig
+from pipeline.train.jobs import train_jobs
 
 TOY = ToyConfig(d_model=32, n_features=128, n_rows=32768, mean_active=4, seed=0)
 K = 4
@@ -33,13 +35,13 @@ def trained(toy_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     members = []
     for kind, target in (("sae", "mlp_in"), ("transcoder", "mlp_out")):
-        cfg = DictionaryConfig(variant="topk", k=K, d_in=32, d_out=32, n_latents=256, kind=kind,
+        cfg = TranscoderConfig(variant="topk", k=K, d_in=32, d_out=32, n_latents=256, kind=kind,
                                input_hook="mlp_in", target_hook=target, seed=1)
-        members.append(Member(Dictionary(cfg), (0, "mlp_in"), (0, target), out / kind))
+        members.append(TrainJob(Transcoder(cfg), (0, "mlp_in"), (0, target), out / kind))
     train_cfg = TrainConfig(tokens=768 * 512, batch_size=512, lr=1e-2, wandb="disabled", progress=False)
-    train_members(members, lambda: ActivationLoader(store, [(0, "mlp_in"), (0, "mlp_out")], LoaderConfig(batch_size=512)),
+    train_jobs(members, lambda: ActivationLoader(store, [(0, "mlp_in"), (0, "mlp_out")], LoaderConfig(batch_size=512)),
                   train_cfg)
-    return {m.out_dir.name: checkpoint.load(m.out_dir) for m in members}
+    return {m.out_dir.name: checkpoint.load_module(m.out_dir) for m in members}
 
 
 def test_toy_store_is_a_regular_harvest_store(toy_store):

@@ -17,13 +17,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline import checkpoint
-from pipeline.methods.transcoder import Dictionary, DictionaryConfig
+from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.core.errors import UserError
 from pipeline.data.harvest import store_path
 from pipeline.data.loader import ActivationLoader, LoaderConfig
 from pipeline.data.toy import ToyConfig, write_toy_store
-from pipeline.train.loop import Member, TrainConfig, train_members
-from stages.train import checkpoint_dir, train
+from pipeline.methods.base import TrainJob
+from pipeline.train.config import TrainConfig
+from pipeline.train.jobs import train_jobs
+from pipeline.core import paths
+from stages.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ToyConfig(d_model=16, n_features=64, n_rows=8192, mean_active=3, ctx=129)
@@ -44,8 +47,8 @@ def toy_dir(tmp_path_factory) -> Path:
     return toy_data_dir(tmp_path_factory.mktemp("toydata"))
 
 
-def members_for(ks, out: Path, n_latents=64) -> list[Member]:
-    return [Member(Dictionary(DictionaryConfig(variant="topk", k=k, d_in=16, d_out=16, n_latents=n_latents, seed=k)),
+def members_for(ks, out: Path, n_latents=64) -> list[TrainJob]:
+    return [TrainJob(Transcoder(TranscoderConfig(variant="topk", k=k, d_in=16, d_out=16, n_latents=n_latents, seed=k)),
                    (0, "mlp_in"), (0, "mlp_out"), out / f"topk-k{k}-L0") for k in ks]
 
 
@@ -79,10 +82,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_sweep_is_one_pass_and_each_member_equals_its_solo_run(toy_dir, tmp_path):
     reads_sweep, reads_solo = [], []
     sweep = members_for([2, 4, 8], tmp_path / "sweep")
-    trained = train_members(sweep, loader_factory(toy_dir, reads_sweep), SMALL)
+    trained = train_jobs(sweep, loader_factory(toy_dir, reads_sweep), SMALL)
     assert len(trained) == 3
     solo = members_for([4], tmp_path / "solo")
-    train_members(solo, loader_factory(toy_dir, reads_solo), SMALL)
+    train_jobs(solo, loader_factory(toy_dir, reads_solo), SMALL)
     assert reads_sweep == reads_solo  # three dictionaries, the same single pass over the data
     a, b = weights(tmp_path / "sweep" / "topk-k4-L0"), weights(tmp_path / "solo" / "topk-k4-L0")
     for name in a:
@@ -96,14 +99,14 @@ def test_sweep_is_one_pass_and_each_member_equals_its_solo_run(toy_dir, tmp_path
 
 def test_only_missing_or_stale_members_are_trained(toy_dir, tmp_path):
     make = loader_factory(toy_dir)
-    assert len(train_members(members_for([2, 4], tmp_path), make, SMALL)) == 2
+    assert len(train_jobs(members_for([2, 4], tmp_path), make, SMALL)) == 2
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("weights.safetensors")}
-    assert train_members(members_for([2, 4], tmp_path), make, SMALL) == []
-    again = train_members(members_for([2, 4, 8], tmp_path), make, SMALL)
+    assert train_jobs(members_for([2, 4], tmp_path), make, SMALL) == []
+    again = train_jobs(members_for([2, 4, 8], tmp_path), make, SMALL)
     assert [m.out_dir.name for m in again] == ["topk-k8-L0"]
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # K=2,4 untouched
     longer = TrainConfig(**{**SMALL.__dict__, "tokens": 256 * 50})
-    assert len(train_members(members_for([2], tmp_path), make, longer)) == 1
+    assert len(train_jobs(members_for([2], tmp_path), make, longer)) == 1
 
 
 def _stage_cmd(data_dir: Path, *extra: str) -> list[str]:
@@ -118,9 +121,9 @@ def test_kill_9_then_resume_gives_identical_weights(tmp_path):
     subprocess.run(_stage_cmd(ref_dir), cwd=REPO, env=env, check=True, capture_output=True)
 
     proc = subprocess.Popen(_stage_cmd(run_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    partial = checkpoint_dir(run_dir, "smollm2-135m", "toy", TOY.ctx, "transcoder", "topk", 8, 0) / "partial"
+    partial = paths.checkpoint(run_dir, "smollm2-135m", "toy", TOY.ctx, "transcoder", f"topk-k{8}-L0") / "partial"
     deadline = time.time() + 120
-    while not list(partial.glob("state-*-000000040.pt")) and time.time() < deadline and proc.poll() is None:
+    while not list(partial.glob("state-*-000000040.safetensors")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -129,8 +132,8 @@ def test_kill_9_then_resume_gives_identical_weights(tmp_path):
 
     subprocess.run(_stage_cmd(run_dir), cwd=REPO, env=env, check=True, capture_output=True)
     for k in (4, 8):
-        ref = checkpoint_dir(ref_dir, "smollm2-135m", "toy", TOY.ctx, "transcoder", "topk", k, 0)
-        run = checkpoint_dir(run_dir, "smollm2-135m", "toy", TOY.ctx, "transcoder", "topk", k, 0)
+        ref = paths.checkpoint(ref_dir, "smollm2-135m", "toy", TOY.ctx, "transcoder", f"topk-k{k}-L0")
+        run = paths.checkpoint(run_dir, "smollm2-135m", "toy", TOY.ctx, "transcoder", f"topk-k{k}-L0")
         assert checkpoint.read_config(run)["metadata"]["resumed_from_steps"], "the second run did not resume"
         a, b = weights(ref), weights(run)
         for name in a:
@@ -195,10 +198,10 @@ def test_non_finite_chunk_is_named_and_old_checkpoint_survives(tmp_path):
 
 
 def test_mismatched_d_is_refused_before_anything_is_written(toy_dir, tmp_path):
-    wrong = [Member(Dictionary(DictionaryConfig(variant="topk", k=2, d_in=8, d_out=8, n_latents=32)),
+    wrong = [TrainJob(Transcoder(TranscoderConfig(variant="topk", k=2, d_in=8, d_out=8, n_latents=32)),
                     (0, "mlp_in"), (0, "mlp_out"), tmp_path / "wrong")]
     with pytest.raises(UserError, match="d=16 in the store but the dictionary expects d=8"):
-        train_members(wrong, loader_factory(toy_dir), SMALL)
+        train_jobs(wrong, loader_factory(toy_dir), SMALL)
     assert not (tmp_path / "wrong").exists()
 
 

@@ -7,3 +7,9 @@ with status 2. Messages say what is wrong and how to fix it.
 
 class UserError(Exception):
     pass
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after saving what it needs to resume.
+
+    Stages print one line and exit 130 (the shell's code for an interrupt)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,21 +22,12 @@ import torch
 
 from pipeline.data import corpora
 from pipeline.core.errors import UserError
-from pipeline.data.models import HOOKS, LoadedLM, load_lm
-from pipeline.data.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, StoreWriter, check_finite, chunk_rows_for, canonical_hash, meta_lock, writer_lock
+from pipeline.core.hashing import canonical_hash
+from pipeline.core.progress import progress_bar
+from pipeline.core import paths
+from pipeline.data.models import HOOKS, LoadedLM, StopForward, load_lm
+from pipeline.data.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, StoreWriter, check_finite, chunk_rows_for, meta_lock, writer_lock
 from pipeline.data.tokens import DEFAULT_CTX, TokenTable, pack
-
-
-def parse_layers(text: str) -> list[int]:
-    """'0-3' -> [0, 1, 2, 3]; '0,2,5-6' -> [0, 2, 5, 6]."""
-    layers: set[int] = set()
-    for part in str(text).replace(" ", "").split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise UserError(f"LAYERS='{text}' is malformed; write a range or list such as 0-3 or 0,2,5-7")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        layers.update(range(lo, hi + 1))
-    return sorted(layers)
 
 
 @dataclass(frozen=True)
@@ -81,7 +71,7 @@ class HarvestConfig:
 
 
 def store_path(data_dir: Path, lm: str, data: str, split: str, ctx: int) -> Path:
-    return Path(data_dir) / "harvest" / lm.replace("/", "__") / corpora.store_name(data) / f"{split}-ctx{ctx}.zarr"
+    return paths.store(data_dir, lm, data, split, ctx)
 
 
 def token_table(lm: LoadedLM, data: str, split: str, ctx: int, n_rows: int | None, text_field: str = "text") -> TokenTable:
@@ -91,10 +81,6 @@ def token_table(lm: LoadedLM, data: str, split: str, ctx: int, n_rows: int | Non
 
 
 FP16_MAX = 65504.0
-
-
-class _StopForward(Exception):
-    pass
 
 
 def capture(lm: LoadedLM, ids: torch.Tensor, wanted: dict[int, tuple[str, ...]]) -> dict[tuple[int, str], torch.Tensor]:
@@ -111,7 +97,7 @@ def capture(lm: LoadedLM, ids: torch.Tensor, wanted: dict[int, tuple[str, ...]])
         def grab(t, hook=None):
             out[key] = t.detach()
             if stops:
-                raise _StopForward
+                raise StopForward
         return grab
 
     hooks = [(lm.hook_name(layer, h), grabber((layer, h), False))
@@ -120,7 +106,7 @@ def capture(lm: LoadedLM, ids: torch.Tensor, wanted: dict[int, tuple[str, ...]])
     try:
         with torch.inference_mode():
             lm.bridge.run_with_hooks(ids, fwd_hooks=hooks)
-    except _StopForward:
+    except StopForward:
         pass
     return out
 
@@ -212,7 +198,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
             if missing:
                 todo.append((c, missing))
         total_rows = sum(min(writer.chunk_rows, n_rows - c * writer.chunk_rows) for c, _ in todo)
-        bar = _progress(total_rows, progress, f"harvest {cfg.lm} L{layers[0]}-{layers[-1]}"
+        bar = progress_bar(total_rows, progress, f"harvest {cfg.lm} L{layers[0]}-{layers[-1]}"
                         + (f" shard {cfg.shard}/{cfg.n_shards}" if cfg.n_shards > 1 else ""))
         chunk_writer = _ChunkWriter(writer)
         t_loop = time.perf_counter()
@@ -251,10 +237,3 @@ def _check_writable(root: Root) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise UserError(f"cannot write to {probe} (needed for {root.path}); choose a writable DATA_DIR")
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not enabled or total == 0,
-                dynamic_ncols=True, smoothing=0.1)

@@ -21,7 +21,9 @@ from typing import Callable
 
 import torch
 
+from pipeline.core import paths
 from pipeline.core.errors import UserError
+from pipeline.core.hashing import sha256_file
 
 # Hook templates. ``mlp_out`` is what the MLP block writes to the residual
 # stream (for Gemma that is after the post-feed-forward norm); ``mlp_out_raw``
@@ -31,6 +33,10 @@ HOOKS = {
     "mlp_out": "blocks.{layer}.hook_mlp_out",
     "mlp_out_raw": "blocks.{layer}.mlp.hook_out",
 }
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (no later block or unembedding runs)."""
 
 
 @dataclass(frozen=True)
@@ -244,16 +250,8 @@ def _hub_builder(hf_id: str) -> Callable[[Path], None]:
     return build
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(bufsize):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_folder(name: str, data_dir: Path) -> Path:
-    return Path(data_dir) / "models" / name.replace("/", "__")
+    return paths.model_dir(data_dir, name)
 
 
 def ensure_model(name: str, data_dir: Path) -> Path:

@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 
 from pipeline.core.errors import UserError
+from pipeline.core.hashing import canonical_hash, code_version
 
 TARGET_CHUNK_ROWS = 8192
 FORMAT_VERSION = 1
@@ -51,16 +52,6 @@ def chunk_rows_for(ctx: int, target: int = TARGET_CHUNK_ROWS) -> int:
     """The multiple of ``ctx - 1`` nearest below ``target``: chunks hold whole sequences."""
     per_seq = ctx - 1
     return max(1, target // per_seq) * per_seq
-
-
-def canonical_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def code_version() -> str:
-    from pipeline import __version__
-
-    return __version__
 
 
 class Root:
@@ -156,6 +147,12 @@ class HarvestStore:
     @property
     def manifest_hash(self) -> str:
         return canonical_hash(self.manifest)
+
+    def provenance(self) -> dict:
+        """What a checkpoint records about the store it was trained on."""
+        keep = ("lm", "lm_weights_sha256", "data", "split", "ctx", "n_rows")
+        return {"store_manifest_hash": self.manifest_hash,
+                "store_manifest": {k: self.manifest.get(k) for k in keep}}
 
     @property
     def content_hash(self) -> str:

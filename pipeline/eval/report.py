@@ -19,10 +19,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 from pipeline.core.errors import UserError
+from pipeline.core.io import write_atomic, write_text_atomic
+from pipeline.core.layers import layers_label
 
 MODE_TITLES = {"all_layers": "all layers replaced at once", "single_layer": "one layer replaced at a time (mean over layers)"}
 FAMILY_ORDER = {"clean": 0, "zero": 1, "mean": 2, "neurons": 3, "sae": 4, "transcoder": 5, "clt": 6}
@@ -124,12 +125,6 @@ def _csv(columns: list[str], rows: list[list[str]]) -> str:
     return out.getvalue()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_tables(metrics: list[dict], out_dir: Path) -> list[Path]:
     written = []
     md = [f"# Comparison: {_setting(metrics)}\n"]
@@ -139,14 +134,14 @@ def write_tables(metrics: list[dict], out_dir: Path) -> list[Path]:
             continue
         csv_rows = [r + e[1:] for r, e in zip(rows[1:], extras)]
         path = out_dir / f"table_{mode}.csv"
-        _write_atomic(path, _csv(columns + extra_columns[1:], [rows[0] + [""] * (len(extra_columns) - 1)] + csv_rows))
+        write_text_atomic(path, _csv(columns + extra_columns[1:], [rows[0] + [""] * (len(extra_columns) - 1)] + csv_rows))
         written.append(path)
         md.append(f"\n## {MODE_TITLES[mode].capitalize()}\n\n")
         md.append(_markdown(columns, rows))
         md.append("\n")
         md.append(_markdown(extra_columns, extras))
     path = out_dir / "table.md"
-    _write_atomic(path, "".join(md))
+    write_text_atomic(path, "".join(md))
     return [path, *written]
 
 
@@ -223,15 +218,13 @@ def plot_pareto(metrics: list[dict], mode: str, out_dir: Path) -> list[Path]:
     fig.legend(handles, names, loc="outside lower center", ncol=min(4, len(names)), fontsize=9, frameon=False,
                title="method, K (annotated at each point: K)")
     m = chosen[0]
-    fig.suptitle(f"Pareto frontiers, {MODE_TITLES[mode]}: {m['lm']} layers {_spec(layers)}, "
+    fig.suptitle(f"Pareto frontiers, {MODE_TITLES[mode]}: {m['lm']} layers {layers_label(layers)}, "
                  f"{m['data']} eval split ({m['eval_rows']:,} tokens, clean CE {clean:.3f} nats / token)",
                  fontsize=13)
     paths = []
     for ext in ("png", "svg"):
         path = out_dir / f"pareto_{mode}.{ext}"
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.{ext}")
-        fig.savefig(tmp, dpi=130 if ext == "png" else None)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130 if ext == "png" else None), f".{ext}")
         paths.append(path)
     plt.close(fig)
     return paths
@@ -251,12 +244,6 @@ def _readable_log_ticks(axis) -> None:
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(_si))
     axis.set_minor_formatter(NullFormatter())
-
-
-def _spec(layers: list[int]) -> str:
-    from pipeline.eval.run import layer_spec
-
-    return layer_spec(layers)
 
 
 def build_report(eval_dir: Path, out_dir: Path) -> list[Path]:

@@ -5,12 +5,11 @@ on the TransformerBridge. Each hook fires in the live forward, so with several
 layers replaced every layer sees the residual stream that the upstream
 replacements produced:
 
-- transcoder: the hook at the MLP input stashes the live input; the hook at the
-  MLP output swaps the real output for ``decode(encode(input))``;
-- SAE: the MLP output is swapped for its own reconstruction;
-- cross-layer transcoder: at every source layer i the live MLP input is encoded
-  when the forward passes it; at a replaced layer j the output is the sum of
-  decoder contributions from the latents of all source layers i <= j;
+- any ``Decomposition`` (``DecompositionSplice``): at every source layer i the
+  live MLP input is encoded when the forward passes it (an SAE encodes the
+  output it replaces); at a replaced layer j the output is decoded from the
+  latents of its sources (j itself for per-layer methods, every i <= j for a
+  cross-layer transcoder);
 - baselines (``pipeline.eval.baselines``): zero, a fixed mean, or the MLP with
   only its top-k hidden units.
 
@@ -41,7 +40,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.core.errors import UserError
+from pipeline.data.models import StopForward
+from pipeline.methods.base import Decomposition
 
 FIRST_REPLACED = 1  # position 0 is BOS, never replaced
 UNEMBED_IN = "unembed.hook_in"
@@ -77,77 +77,50 @@ def splice_hook_name(lm, layer: int) -> str:
     return lm.hook_name(layer, lm.mlp_out_hook_for_splice)
 
 
-# ----- dictionaries -----------------------------------------------------------
+# ----- decompositions -------------------------------------------------------------
 
-class DictionarySplice:
-    """Per-layer SAEs or transcoders, one module per layer."""
+class DecompositionSplice:
+    """Any ``Decomposition`` (per-layer transcoders or SAEs, a CLT, ...), spliced live.
 
-    def __init__(self, modules: dict[int, nn.Module]):
-        if not modules:
-            raise UserError("no dictionaries to splice")
-        self.modules = dict(sorted(modules.items()))
-        self.layers = tuple(self.modules)
-
-    def hooks(self, lm, replace, record):
-        hooks: list[Hook] = []
-        for layer in replace:
-            module = self.modules[layer]
-            stash: dict[str, Tensor] = {}
-            if module.cfg.kind == "transcoder":
-                hooks.append((lm.hook_name(layer, "mlp_in"), _stash_into(stash)))
-            hooks.append((splice_hook_name(lm, layer), self._replace(layer, module, stash, record)))
-        return hooks
-
-    @staticmethod
-    def _replace(layer: int, module: nn.Module, stash: dict, record: Record | None):
-        def hook(y: Tensor, hook=None) -> Tensor:
-            x = stash.pop("x") if module.cfg.kind == "transcoder" else rows_of(y)
-            acts = module.encode(x.float())
-            recon = module.decode(acts)
-            if record is not None:
-                record(layer, rows_of(y), recon, acts)
-            return put_rows(y, recon)
-
-        return hook
-
-
-def _stash_into(stash: dict):
-    def hook(x: Tensor, hook=None) -> None:
-        stash["x"] = rows_of(x)
-
-    return hook
-
-
-class CLTSplice:
-    """A cross-layer transcoder, spliced live.
-
-    Sources are encoded from the live MLP input as the forward reaches them;
-    in single-layer mode (``replace=[j]``) the sources below j see a clean
-    stream, so their latents are the clean ones, as they should be.
+    Sources are encoded from the live input as the forward reaches them (at
+    ``mlp_in``, or inside the replacing hook for a decomposition that reads
+    its own target, an SAE); at a replaced layer j the output is decoded from
+    the latents of ``sources(j)``. In single-layer mode (``replace=[j]``) the
+    sources below j see a clean stream, so their latents are the clean ones.
     """
 
-    def __init__(self, clt: nn.Module):
-        self.clt = clt
-        self.layers = tuple(clt.cfg.layers)
+    def __init__(self, decomposition: Decomposition):
+        self.decomposition = decomposition
+        self.layers = tuple(decomposition.layers)
 
     def hooks(self, lm, replace, record):
+        d = self.decomposition
         acts: dict[int, Tensor] = {}
+        inputs: dict[int, Tensor] = {}
+        reads_output = d.input_hook != "mlp_in"
         hooks: list[Hook] = []
-        for i in (i for i in self.layers if i <= max(replace)):
-            hooks.append((lm.hook_name(i, "mlp_in"), self._encode(i, acts)))
+        if not reads_output:
+            for i in sorted({i for j in replace for i in d.sources(j)}):
+                hooks.append((lm.hook_name(i, "mlp_in"), self._encode(i, acts, inputs)))
         for j in replace:
-            hooks.append((splice_hook_name(lm, j), self._replace(j, acts, record)))
+            hooks.append((splice_hook_name(lm, j), self._replace(j, acts, inputs, record, reads_output)))
         return hooks
 
-    def _encode(self, i: int, acts: dict):
+    def _encode(self, i: int, acts: dict, inputs: dict):
         def hook(x: Tensor, hook=None) -> None:
-            acts[i] = self.clt.encode_layer(i, rows_of(x).float())
+            inputs[i] = rows_of(x).float()
+            acts[i] = self.decomposition.encode_layer(i, inputs[i])
 
         return hook
 
-    def _replace(self, j: int, acts: dict, record: Record | None):
+    def _replace(self, j: int, acts: dict, inputs: dict, record: Record | None, reads_output: bool):
+        d = self.decomposition
+
         def hook(y: Tensor, hook=None) -> Tensor:
-            recon = self.clt.decode_layer(j, {i: a for i, a in acts.items() if i <= j})
+            if reads_output:
+                inputs[j] = rows_of(y).float()
+                acts[j] = d.encode_layer(j, inputs[j])
+            recon = d.decode_layer(j, {i: acts[i] for i in d.sources(j)}, inputs.get(j))
             if record is not None:
                 record(j, rows_of(y), recon, acts.get(j))
             return put_rows(y, recon)
@@ -157,22 +130,18 @@ class CLTSplice:
 
 # ----- running --------------------------------------------------------------------
 
-class _Stop(Exception):
-    pass
-
-
 def final_hidden(lm, tokens: Tensor, hooks: list[Hook]) -> Tensor:
     """Run ``tokens`` with ``hooks`` up to the unembedding; its input [batch, pos, d]."""
     box: dict[str, Tensor] = {}
 
     def grab(h: Tensor, hook=None):
         box["h"] = h
-        raise _Stop
+        raise StopForward
 
     try:
         with torch.inference_mode():
             lm.bridge.run_with_hooks(tokens, fwd_hooks=[*hooks, (UNEMBED_IN, grab)])
-    except _Stop:
+    except StopForward:
         pass
     return box["h"]
 

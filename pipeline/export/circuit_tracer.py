@@ -38,7 +38,6 @@ as ``jumprelu`` (thresholds present) or ``vanilla`` on layers 0..n-1.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import torch
@@ -49,6 +48,7 @@ from safetensors.torch import save_file
 from pipeline import checkpoint
 from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
 from pipeline.core.errors import UserError
+from pipeline.core.io import folder_atomic
 from pipeline.methods.sparsity import SparsitySettings
 
 CONFIG = "config.yaml"
@@ -88,15 +88,18 @@ def _thresholds(clt: CrossLayerTranscoder, p: int) -> torch.Tensor:
     return piece.threshold.clamp_min(0).expand(clt.cfg.n_latents)
 
 
-def export_circuit_tracer(source: CrossLayerTranscoder | str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``source`` (a CLT or a CLT checkpoint directory) at ``out``; atomic (tmp dir, then rename)."""
+def export_circuit_tracer(source: CrossLayerTranscoder | checkpoint.Checkpoint | str | Path, out: str | Path,
+                          overwrite: bool = False) -> Path:
+    """Write ``source`` (a CLT, or a CLT checkpoint) at ``out``; atomic (tmp dir, then rename)."""
     out = Path(out)
     metadata: dict = {}
-    if not isinstance(source, CrossLayerTranscoder):
-        metadata = checkpoint.read_config(source).get("metadata", {}) if checkpoint.is_done(source) else {}
+    if isinstance(source, (str, Path)):
         source = checkpoint.load(source)
-        if not isinstance(source, CrossLayerTranscoder):
-            raise UserError(f"{out}: only cross-layer transcoders export to circuit-tracer's CLT format")
+    if isinstance(source, checkpoint.Checkpoint):
+        metadata = source.metadata
+        source = source.module
+    if not isinstance(source, CrossLayerTranscoder):
+        raise UserError(f"{out}: only cross-layer transcoders export to circuit-tracer's CLT format")
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; remove it or export elsewhere")
     files = circuit_tracer_tensors(source)
@@ -110,13 +113,10 @@ def export_circuit_tracer(source: CrossLayerTranscoder | str | Path, out: str | 
                 "settings": cfg.to_dict()["settings"],
                 **{k: metadata[k] for k in ("lm", "store_manifest_hash", "train_hash", "tokens") if k in metadata}},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
-    tmp.mkdir()
-    for name, tensors in files.items():
-        save_file(tensors, tmp / name)
-    (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=True))
-    checkpoint.publish_dir(tmp, out)
+    with folder_atomic(out) as tmp:
+        for name, tensors in files.items():
+            save_file(tensors, tmp / name)
+        (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=True))
     return out
 
 

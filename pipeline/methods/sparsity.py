@@ -16,31 +16,24 @@ controller, ``log lambda += rate * clip((L0 - k) / k, -1, 1)`` after each step.
 That is dual ascent on the constraint "mean L0 = k" (our choice; the JumpReLU
 and L1 papers tune lambda by hand per run, which a sweep cannot).
 
-Speed: after the one dense, no-grad encoder matmul (bf16 while training),
-TopK, BatchTopK and JumpReLU work on sparse codes, whose pattern is kept in
-CSR form (``crow``, ``cols``): decoding and both weight gradients are sparse
-matrix products instead of dense [batch, n_latents] matmuls, and the
-transposed pattern is cached and shared by the encoder and decoder backward.
-Vanilla (L1) stays dense: early in training half its latents are active.
+Speed: the sparse kernels live in ``pipeline.methods.kernels``; TopK,
+BatchTopK and JumpReLU produce ``SparseCodes``, vanilla (L1) ``DenseCodes``.
+
+The variants are listed in ``SPARSITY`` explicitly, at the end of this file.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# We rely on CSR matmuls only through the stable CPU/MKL paths exercised in tests.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
-# Above this fraction of nonzero latents a dense decode beats the sparse one.
-SPARSE_DECODE_MAX_DENSITY = 0.05
+from pipeline.methods.codes import Codes, DenseCodes, SparseCodes
+from pipeline.methods.kernels import TRAIN_MATMUL_DTYPE, SelectedPreacts, SparsePattern, argsort, dense_preacts, preacts
 
 # BatchTopK first keeps this many x k candidates per row (see BatchTopK.select).
 BATCHTOPK_CANDIDATES = 4
@@ -48,220 +41,7 @@ BATCHTOPK_CANDIDATES = 4
 # JumpReLU log-thresholds learn this many times faster than the weights.
 THRESHOLD_LR_SCALE = 20.0
 
-# Training-time matmul dtype. bf16 matmuls run ~4x faster than fp32 on the
-# target CPUs (AVX512-BF16); weights, gradients and optimiser state stay fp32.
-# Inference (eval mode) uses fp32 so evaluation does not see bf16 rounding.
-TRAIN_MATMUL_DTYPE = torch.bfloat16
 
-
-# ----------------------------------------------------------------------------
-# Codes
-# ----------------------------------------------------------------------------
-
-def argsort(keys: Tensor) -> Tensor:
-    """argsort of distinct keys. On CPU numpy's single-threaded sort: torch's
-    parallel sort of ~10^5 keys took 6 ms alone but 100-550 ms on 2 cores
-    shared with other processes (spinning threads), numpy's 6-8 ms either way."""
-    if keys.device.type == "cpu":
-        return torch.from_numpy(np.argsort(keys.numpy()))
-    return torch.argsort(keys)
-
-
-class SparsePattern:
-    """Which (row, latent) pairs are active, in CSR form, with its transpose cached."""
-
-    def __init__(self, crow: Tensor, cols: Tensor, n_rows: int, n_latents: int, rows: Tensor | None = None):
-        self.crow, self.cols = crow, cols
-        self.n_rows, self.n_latents = n_rows, n_latents
-        self._rows = rows
-        self._transpose: tuple[Tensor, Tensor, Tensor] | None = None
-
-    @classmethod
-    def from_topk(cls, indices: Tensor, n_latents: int) -> "SparsePattern":
-        n_rows, k = indices.shape
-        crow = torch.arange(0, n_rows * k + 1, k, device=indices.device)
-        rows = torch.arange(n_rows * k, device=indices.device) // k
-        return cls(crow, indices.reshape(-1), n_rows, n_latents, rows)
-
-    @classmethod
-    def from_rows(cls, rows: Tensor, cols: Tensor, n_rows: int, n_latents: int) -> "SparsePattern":
-        """``rows`` must be sorted (row-major order of the entries)."""
-        counts = torch.bincount(rows, minlength=n_rows)
-        crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
-        crow[1:] = counts.cumsum(0)
-        return cls(crow, cols, n_rows, n_latents, rows)
-
-    @property
-    def nnz(self) -> int:
-        return self.cols.numel()
-
-    def rows(self) -> Tensor:
-        if self._rows is None:
-            counts = self.crow.diff()
-            self._rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.cols.device), counts)
-        return self._rows
-
-    def transpose(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(crow_t, rows_sorted, order): CSR of the [n_latents, n_rows] transpose."""
-        if self._transpose is None:
-            # Unique keys (latent, row): a plain sort is then deterministic and
-            # equals a stable sort by latent, and is much faster than one.
-            order = argsort(self.cols * self.n_rows + self.rows())
-            counts = torch.bincount(self.cols, minlength=self.n_latents)
-            crow_t = torch.zeros(self.n_latents + 1, dtype=torch.int64, device=self.cols.device)
-            crow_t[1:] = counts.cumsum(0)
-            self._transpose = (crow_t, self.rows()[order], order)
-        return self._transpose
-
-    def latents_by_rows(self, values: Tensor, dense: Tensor) -> Tensor:
-        """sum_b values[b, i] * dense[b] -> [n_latents, d] (a weight gradient)."""
-        crow_t, rows_t, order = self.transpose()
-        sparse_t = torch.sparse_csr_tensor(crow_t, rows_t, values[order].to(dense.dtype),
-                                           (self.n_latents, self.n_rows), check_invariants=False)
-        return sparse_t @ dense
-
-    def rows_dot_latents(self, dense_rows: Tensor, weight: Tensor) -> Tensor:
-        """dense_rows[b] . weight[i] for every active (b, i): a sampled matmul -> [nnz]."""
-        sample = torch.sparse_csr_tensor(self.crow, self.cols, torch.zeros(self.nnz, dtype=weight.dtype, device=weight.device),
-                                         (self.n_rows, self.n_latents), check_invariants=False)
-        return torch.sparse.sampled_addmm(sample, dense_rows.to(weight.dtype), weight.T, beta=0.0).values()
-
-    def bag(self, values: Tensor, weight: Tensor) -> Tensor:
-        """sum_i values[b, i] * weight[i] per row -> [n_rows, d]."""
-        return F.embedding_bag(self.cols, weight, self.crow[:-1], mode="sum",
-                               per_sample_weights=values.to(weight.dtype), include_last_offset=False)
-
-
-@dataclass
-class Codes:
-    """Latent activations of one batch: sparse (``values`` on ``pattern``) or dense."""
-
-    n_latents: int
-    values: Tensor | None = None
-    pattern: SparsePattern | None = None
-    dense: Tensor | None = None
-    preacts: Tensor | None = None  # no-grad pre-activations, kept for AuxK
-    step: Tensor | None = None  # JumpReLU: H(z - t) with its threshold STE, for the L0 term
-    matmul_dtype: torch.dtype = torch.float32  # for a dense decode
-    # Dense codes: the entries whose gradient matters (default: the nonzeros).
-    # JumpReLU adds the zeros inside its STE band, which move the threshold.
-    support: Tensor | None = None
-
-    @property
-    def is_sparse(self) -> bool:
-        return self.pattern is not None
-
-    def to_dense(self) -> Tensor:
-        if self.dense is not None:
-            return self.dense
-        p = self.pattern
-        out = torch.zeros(p.n_rows, p.n_latents, dtype=self.values.dtype, device=self.values.device)
-        out[p.rows(), p.cols] = self.values
-        return out
-
-    def l0(self) -> Tensor:
-        """Mean number of nonzero latents per row (no grad)."""
-        if self.is_sparse:
-            return (self.values.detach() > 0).sum() / self.pattern.n_rows
-        return (self.dense.detach() > 0).sum() / self.dense.shape[0]
-
-    def fired(self) -> Tensor:
-        """[n_latents] bool: latents active on at least one row of the batch."""
-        if self.is_sparse:
-            out = torch.zeros(self.n_latents, dtype=torch.bool, device=self.values.device)
-            out[self.pattern.cols[self.values.detach() > 0]] = True
-            return out
-        return (self.dense.detach() > 0).any(0)
-
-    def decode(self, W_dec: Tensor) -> Tensor:
-        """codes @ W_dec, without bias.
-
-        Dense codes that are mostly zero (JumpReLU, L1 once sparse) decode
-        sparsely too: gathering the nonzeros costs one pass, the dense
-        alternative three [batch, n_latents] x [n_latents, d] matmuls.
-        """
-        if self.is_sparse:
-            return SparseDecode.apply(self.values, W_dec, self.pattern)
-        dense = self.dense
-        support = self.support if self.support is not None else dense.detach() != 0
-        if support.sum() <= SPARSE_DECODE_MAX_DENSITY * support.numel():
-            rows, cols = support.nonzero(as_tuple=True)
-            pattern = SparsePattern.from_rows(rows, cols, dense.shape[0], self.n_latents)
-            return SparseDecode.apply(dense[rows, cols], W_dec, pattern)
-        return (dense.to(self.matmul_dtype) @ W_dec.to(self.matmul_dtype)).to(W_dec.dtype)
-
-
-# ----------------------------------------------------------------------------
-# Sparse autograd pieces (shared by every dictionary, the CLT included)
-# ----------------------------------------------------------------------------
-
-class SelectedPreacts(torch.autograd.Function):
-    """Pre-activations at the active (row, latent) pairs, with sparse gradients.
-
-    Forward only passes through ``values`` (already computed by the dense
-    no-grad matmul); backward sends the gradient to W_enc, b_enc (and x if it
-    needs one) through the active pairs only: nnz x d work instead of a dense
-    batch x n_latents x d matmul.
-    """
-
-    @staticmethod
-    def forward(ctx, values, x, W_enc, b_enc, pattern: SparsePattern):
-        ctx.save_for_backward(x, W_enc)
-        ctx.pattern = pattern
-        return values
-
-    @staticmethod
-    def backward(ctx, grad_values):
-        x, W_enc = ctx.saved_tensors
-        p: SparsePattern = ctx.pattern
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_x = p.bag(grad_values, W_enc)
-        if ctx.needs_input_grad[2]:
-            grad_w = p.latents_by_rows(grad_values, x.to(W_enc.dtype))
-        if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(p.n_latents, dtype=grad_values.dtype, device=grad_values.device)
-            grad_b.index_add_(0, p.cols, grad_values)
-        return grad_values if ctx.needs_input_grad[0] else None, grad_x, grad_w, grad_b, None
-
-
-class SparseDecode(torch.autograd.Function):
-    """sum over active latents of value * W_dec[latent], with sparse backward."""
-
-    @staticmethod
-    def forward(ctx, values, W_dec, pattern: SparsePattern):
-        ctx.save_for_backward(values, W_dec)
-        ctx.pattern = pattern
-        return pattern.bag(values, W_dec)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        values, W_dec = ctx.saved_tensors
-        p: SparsePattern = ctx.pattern
-        grad_values = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_values = p.rows_dot_latents(grad_out, W_dec).to(values.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = p.latents_by_rows(values.detach(), grad_out.to(W_dec.dtype))
-        return grad_values, grad_w, None
-
-
-def preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype) -> Tensor:
-    """x @ W_enc.T + b_enc, no grad, in ``dtype`` (bf16 while training)."""
-    with torch.no_grad():
-        flat = x.reshape(-1, x.shape[-1])
-        return torch.addmm(b_enc.to(dtype), flat.to(dtype), W_enc.to(dtype).T)
-
-
-def dense_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype) -> Tensor:
-    """x @ W_enc.T + b_enc with grad; the matmul in ``dtype``, the result fp32."""
-    flat = x.reshape(-1, x.shape[-1])
-    return (flat.to(dtype) @ W_enc.to(dtype).T).to(W_enc.dtype) + b_enc
-
-
-# ----------------------------------------------------------------------------
-# Variants
-# ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SparsitySettings:
@@ -288,14 +68,6 @@ class SparsitySettings:
                 raise ValueError(f"SparsitySettings.{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.threshold_decay < 1:
             raise ValueError(f"SparsitySettings.threshold_decay must be in (0, 1), got {self.threshold_decay}")
-
-
-SPARSITY: dict[str, type["Sparsity"]] = {}
-
-
-def register(cls):
-    SPARSITY[cls.name] = cls
-    return cls
 
 
 class Sparsity(nn.Module):
@@ -336,10 +108,9 @@ class _SparseSelection(Sparsity):
         pre = preacts(x, W_enc, b_enc, self.matmul_dtype())
         values, pattern = self.select(pre)
         values = SelectedPreacts.apply(values.to(W_enc.dtype), x, W_enc, b_enc, pattern)
-        return Codes(self.n_latents, values=F.relu(values), pattern=pattern, preacts=pre)
+        return SparseCodes(F.relu(values), pattern, preacts=pre)
 
 
-@register
 class TopK(_SparseSelection):
     """Keep the k largest pre-activations per row (Gao et al. 2024), then ReLU."""
 
@@ -350,7 +121,6 @@ class TopK(_SparseSelection):
         return values.reshape(-1), SparsePattern.from_topk(indices, self.n_latents)
 
 
-@register
 class BatchTopK(_SparseSelection):
     """Keep the k x batch largest pre-activations of the whole batch (Bussmann et al. 2024).
 
@@ -424,7 +194,6 @@ class _TargetL0(Sparsity):
         return out
 
 
-@register
 class Vanilla(_TargetL0):
     """ReLU + L1. The L1 term weights each latent by its decoder row norm
     (Anthropic, April 2024 update) so shrinking a latent while growing its
@@ -436,7 +205,7 @@ class Vanilla(_TargetL0):
 
     def encode(self, x, W_enc, b_enc):
         dtype = self.matmul_dtype()
-        return Codes(self.n_latents, dense=F.relu(dense_preacts(x, W_enc, b_enc, dtype)), matmul_dtype=dtype)
+        return DenseCodes(F.relu(dense_preacts(x, W_enc, b_enc, dtype)), matmul_dtype=dtype)
 
     def penalty(self, codes, W_dec):
         return self.coef * (codes.dense @ W_dec.norm(dim=1)).mean()
@@ -487,7 +256,6 @@ class _StepFn(torch.autograd.Function):
         return None, _sum_to(-(1.0 / eps) * _Rectangle.kernel((z - t) / eps) * grad, t.shape), None
 
 
-@register
 class JumpReLU(_TargetL0):
     """Learned per-latent thresholds, L0 penalty, STE with a rectangle kernel (Gemma Scope)."""
 
@@ -519,7 +287,7 @@ class JumpReLU(_TargetL0):
         threshold = self.log_threshold.exp()
         if not self.training:
             pre = dense_preacts(x, W_enc, b_enc, torch.float32)
-            return Codes(self.n_latents, dense=pre * (pre > threshold))
+            return DenseCodes(pre * (pre > threshold))
         # Training is sparse after the one dense no-grad matmul: only entries
         # above the lower edge of the STE band carry a gradient (active ones
         # to W_enc/b_enc, in-band ones to the threshold), so we keep just those.
@@ -529,7 +297,7 @@ class JumpReLU(_TargetL0):
         pattern = SparsePattern.from_rows(rows, cols, pre.shape[0], self.n_latents)
         z = SelectedPreacts.apply(pre[rows, cols].to(W_enc.dtype), x, W_enc, b_enc, pattern)
         t = threshold[cols]
-        return Codes(self.n_latents, values=_JumpReLUFn.apply(z, t, eps), pattern=pattern, step=_StepFn.apply(z, t, eps))
+        return SparseCodes(_JumpReLUFn.apply(z, t, eps), pattern, step=_StepFn.apply(z, t, eps))
 
     def penalty(self, codes, W_dec):
         return self.coef * codes.step.sum() / codes.pattern.n_rows
@@ -543,6 +311,9 @@ class JumpReLU(_TargetL0):
         error = ((codes.l0() - self.k) / self.k).clamp(-1, 1)
         super().update(codes)
         self.log_threshold.add_(self.settings.controller_rate * error)
+
+
+SPARSITY: dict[str, type[Sparsity]] = {cls.name: cls for cls in (Vanilla, TopK, BatchTopK, JumpReLU)}
 
 
 def make_sparsity(variant: str, n_latents: int, k: int, settings: SparsitySettings | None = None) -> Sparsity:

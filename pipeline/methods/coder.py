@@ -1,0 +1,138 @@
+"""What every sparse coder shares: its validated config, initialisation, the
+unit-norm decoder constraint, firing counts and the Trainable hooks.
+
+Sources for the shared choices:
+
+- decoder rows of unit norm; the gradient component parallel to each row is
+  removed before every step and rows are renormalised after it (Bricken et
+  al. 2023; Gao et al. 2024). A multi-layer coder (the CLT) passes each
+  latent's whole row over its target layers, so "a row" is what a latent writes;
+- encoder rows start at norm ``ENCODER_INIT_SCALE`` (small first
+  reconstructions: otherwise the first steps push most pre-activations
+  negative, L0 collapses below k and AuxK, ReLU'd, cannot revive them);
+- AuxK on dead latents for TopK/BatchTopK (Gao et al. 2024: k_aux = d/2,
+  coefficient 1/32, residual-normalised);
+- b_dec at the geometric median of the first batch (or the store's mean);
+- scalar normalisation of input and target (E||x||^2 = d each, from the
+  store's ``mean_sq_norm``), applied inside and undone in decoding, so
+  callers only ever see model units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.core.errors import UserError
+from pipeline.methods.sparsity import SPARSITY, SparsitySettings
+
+ENCODER_INIT_SCALE = 0.1  # W_enc rows start at norm 0.1 (Conerly et al. 2024 start W_dec there)
+B_DEC_INITS = ("mean", "geometric_median")
+
+
+@dataclass(frozen=True)
+class CoderConfig:
+    """Fields every coder has; ``method`` is the discriminator (fixed per subclass)."""
+
+    method: str = ""
+    variant: str = "topk"  # sparsity piece: topk | batchtopk | jumprelu | vanilla
+    k: int = 32  # k (topk/batchtopk) or target L0 (jumprelu/vanilla); per source layer for a CLT
+    d_in: int = 0
+    d_out: int = 0
+    n_latents: int = 0  # per source layer for a CLT
+    input_hook: str = "mlp_in"
+    target_hook: str = "mlp_out"
+    normalize: bool = True
+    aux_k: int = 0  # 0: d_out // 2 (Gao et al. 2024)
+    aux_coef: float = 1 / 32  # Gao et al. 2024
+    seed: int = 0  # weight init
+    # b_dec starts at the target's mean (store statistics) or at the geometric
+    # median of the first batch, which the ~3% massive rows cannot drag away.
+    b_dec_init: str = "geometric_median"
+    settings: SparsitySettings = field(default_factory=SparsitySettings)
+
+    METHOD = ""  # the subclass's discriminator value
+
+    def __post_init__(self):
+        if not self.method:
+            object.__setattr__(self, "method", self.METHOD)
+        if self.method != self.METHOD:
+            raise UserError(f"a {type(self).__name__} has method={self.METHOD!r}, got {self.method!r}")
+        if isinstance(self.settings, dict):
+            object.__setattr__(self, "settings", SparsitySettings(**self.settings))
+        if self.variant not in SPARSITY:
+            raise UserError(f"unknown MODEL sparsity '{self.variant}'; choose one of {', '.join(SPARSITY)}")
+        for name in ("d_in", "d_out", "n_latents"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.k < self.n_latents:
+            raise UserError(f"K={self.k} is out of range: it must satisfy 0 < K < LATENTS={self.n_latents}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise UserError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
+        if self.aux_k < 0 or self.aux_coef < 0:
+            raise UserError(f"aux_k and aux_coef must be >= 0, got {self.aux_k}, {self.aux_coef}")
+
+    @property
+    def k_aux(self) -> int:
+        return self.aux_k or self.d_out // 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def unit_rows(gen: torch.Generator, n: int, d: int) -> Tensor:
+    w = torch.randn(n, d, generator=gen)
+    return w / w.norm(dim=1, keepdim=True)
+
+
+class SparseCoder(nn.Module):
+    """Shared Trainable machinery. Subclasses hold ``W_dec`` as a parameter or a
+    list of them (``decoders()``), ``sparsity`` pieces, and a ``tokens_since_fired``
+    buffer of shape [..., n_latents]."""
+
+    family = ""  # recorded in checkpoints; the MethodSpec name
+
+    def decoders(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def sparsity_pieces(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    # ----- the decoder constraint -------------------------------------------
+    def after_backward(self) -> None:
+        self.project_decoder_grad()
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the gradient component parallel to each (unit) decoder row."""
+        for w in self.decoders():
+            if w.grad is not None:
+                g, row = w.grad.flatten(1), w.flatten(1)
+                g -= (g * row).sum(1, keepdim=True) * row
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        for w in self.decoders():
+            norms = w.flatten(1).norm(dim=1).clamp_min(1e-12)
+            w /= norms.view(-1, *([1] * (w.dim() - 1)))
+
+    # ----- firing and dead latents -------------------------------------------
+    @torch.no_grad()
+    def record_firing(self, fired: list[Tensor], n_tokens: int) -> None:
+        """``fired``: one [n_latents] bool mask per sparsity piece (source layer)."""
+        counts = self.tokens_since_fired.view(len(fired), -1)
+        counts += n_tokens
+        for row, mask in zip(counts, fired):
+            row[mask] = 0
+
+    def dead_mask(self, window_tokens: int) -> Tensor:
+        return self.tokens_since_fired >= window_tokens
+
+    def sync_state(self) -> list[Tensor]:
+        """Firing counts and each sparsity piece's buffers (threshold, controller)."""
+        return [self.tokens_since_fired, *(b for piece in self.sparsity_pieces() for b in piece.buffers())]
+
+    def extra_config(self) -> dict[str, float]:
+        raise NotImplementedError

@@ -1,0 +1,74 @@
+"""Losses and reconstruction metrics shared by every coder.
+
+- ``capped_mse``: mean squared error per element, a massive row's error capped
+  at what a row at the massive threshold with the same relative error would
+  contribute (SmolLM2: ~3% of MLP-output rows carry >90% of the variance, and
+  would otherwise drown out the other 97%);
+- ``auxk_loss``: the one AuxK (Gao et al. 2024) for dictionaries and CLT sources;
+- ``fvu_metrics``: FVU on all rows and on rows below the massive threshold;
+- ``geometric_median``: Weiszfeld's algorithm, for the decoder bias at init.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.methods.kernels import SelectedPreacts, SparseDecode, SparsePattern
+
+# A row is "massive" when its target norm exceeds this multiple of the median norm.
+MASSIVE_FACTOR = 5.0
+
+
+def capped_mse(err: Tensor, y: Tensor, cap: Tensor | None) -> Tensor:
+    """Mean squared error per element; rows with ||y|| > cap weighted by (cap / ||y||)^2."""
+    if cap is None or not torch.isfinite(cap):
+        return err.pow(2).mean()
+    weight = (cap / y.norm(dim=-1).clamp_min(1e-12)).clamp(max=1).pow(2)
+    return (err.pow(2).sum(-1) * weight).sum() / err.numel()
+
+
+def auxk_loss(preacts: Tensor, dead: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
+              residual: Tensor, k_aux: int, coef: float) -> Tensor:
+    """AuxK: the top ``k_aux`` dead latents per row, through the sparse encoder and
+    decoder paths, learn to explain ``residual``; normalised by its energy.
+
+    ``W_dec`` is [n_latents, width of residual] (for a CLT source, its flattened
+    triangular row); ``dead`` is a [n_latents] bool mask.
+    """
+    dead_idx = dead.nonzero().squeeze(1)
+    if dead_idx.numel() == 0 or coef == 0:
+        return torch.zeros((), device=x.device)
+    values, local = preacts.index_select(1, dead_idx).topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False)
+    pattern = SparsePattern.from_topk(dead_idx[local], W_dec.shape[0])
+    values = SelectedPreacts.apply(values.reshape(-1).to(W_enc.dtype), x, W_enc, b_enc, pattern)
+    recon = SparseDecode.apply(F.relu(values), W_dec, pattern)
+    return coef * (recon - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+
+
+def fvu(err: Tensor, y: Tensor) -> Tensor:
+    return err.pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def fvu_metrics(err: Tensor, y: Tensor, massive_norm: Tensor) -> dict[str, Tensor]:
+    """FVU on all rows and on the rows whose target norm is below ``massive_norm``."""
+    out = {"fvu": fvu(err, y)}
+    normal = y.norm(dim=-1) <= massive_norm
+    out["fvu_normal"] = fvu(err[normal], y[normal]) if normal.any() else torch.tensor(float("nan"))
+    out["massive_frac"] = 1 - normal.float().mean()
+    return out
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    median = points.median(dim=0).values
+    for _ in range(iters):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(1e-8)
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - median).norm() <= tol * median.norm().clamp_min(1e-8):
+            return new
+        median = new
+    return median

@@ -1,0 +1,61 @@
+"""What to train: jobs from a request, staleness, and the train pass over the stale ones.
+
+A job is stale (trained again) when no finished checkpoint exists for exactly
+its request: the hash of its module config, the training settings, the
+store's content hash and its input/target keys. Adding a K to a sweep thus
+trains only the new checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from pipeline import checkpoint
+from pipeline.core.hashing import canonical_hash
+from pipeline.data.loader import ActivationLoader
+from pipeline.methods import REGISTRY
+from pipeline.methods.base import TrainJob, TrainRequest
+from pipeline.train.config import TrainConfig
+from pipeline.train.log import plot_curves
+from pipeline.train.loop import fit
+from pipeline.train.resume import plan_groups
+
+CURVES = "curves.png"
+
+
+def build_jobs(models: list[str], **request) -> list[TrainJob]:
+    """Every job of a train request (MODEL names of any methods), validated before any write."""
+    jobs = []
+    for spec, names in REGISTRY.for_models(models).items():
+        jobs += spec.jobs(TrainRequest(models=tuple(names), **request))
+    return jobs
+
+
+def train_hash(job: TrainJob, cfg: TrainConfig, store_content_hash: str) -> str:
+    return canonical_hash({"module": job.module.config_dict()["config"], "train": cfg.result_fields(),
+                           "store": store_content_hash, "input": list(job.input_key), "target": list(job.target_key)})
+
+
+def is_current(job: TrainJob, cfg: TrainConfig, store_content_hash: str) -> bool:
+    """A finished checkpoint exists for exactly this training request."""
+    if not checkpoint.is_done(job.out_dir):
+        return False
+    return checkpoint.read_config(job.out_dir).get("metadata", {}).get("train_hash") == train_hash(job, cfg, store_content_hash)
+
+
+def save_checkpoint(job: TrainJob, metadata: dict, history: list[dict]) -> None:
+    """The default ``save`` of ``fit``: the checkpoint folder with its training curves."""
+    checkpoint.save(job.module, job.out_dir, metadata,
+                    {CURVES: lambda path: plot_curves(history, job.name, path)})
+
+
+def train_jobs(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: TrainConfig,
+               log_dir: Path | None = None, save=save_checkpoint) -> list[TrainJob]:
+    """Train the jobs that are missing or stale, resuming partial ones; returns those trained."""
+    content_hash = make_loader().store.content_hash
+    todo = [j for j in jobs if not is_current(j, cfg, content_hash)]
+    hashes = {j.name: train_hash(j, cfg, content_hash) for j in todo}
+    for start, group in plan_groups(todo, hashes):
+        fit(group, make_loader, cfg, save, {j.name: hashes[j.name] for j in group}, start_step=start, log_dir=log_dir)
+    return todo
