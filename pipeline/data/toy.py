@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import UserError
+from pipeline.core.io import write_atomic
 from pipeline.data.store import HarvestStore, StoreWriter, chunk_rows_for
 
 HOOKS = {"mlp_in": "toy.{layer}.mlp_in", "mlp_out": "toy.{layer}.mlp_out"}
@@ -108,9 +109,7 @@ def write_toy_store(path: str | Path, cfg: ToyConfig, split: str = "train") -> H
             writer.write_chunk(layer, chunk, toy_rows(cfg, split, layer, chunk, rows_here))
     writer.finalize()
     truth = {f"L{layer}/{name}": v for layer in layers for name, v in ground_truth(cfg, layer).items()}
-    tmp = truth_path(path).with_name(truth_path(path).name + ".tmp.npz")
-    np.savez(tmp, **truth)
-    tmp.replace(truth_path(path))
+    write_atomic(truth_path(path), lambda tmp: np.savez(tmp, **truth), ".npz")
     return HarvestStore.open(path)
 
 
