@@ -2,20 +2,33 @@
 
 A corpus is an ordered stream of ``Document``s. Order is deterministic: bundled
 documents are sorted by a hash of their key, so any prefix of the stream mixes
-topics (BBC in directory order would give 500 business articles first). The
-train/eval split is by document and also hash-based, so it is stable when a
-corpus grows and evaluation text never enters a training store.
+topics (BBC in directory order would give 500 business articles first).
+
+Content, not names, decides the split. Texts are compared after collapsing
+whitespace: a text seen before in the stream is dropped (BBC ships 2,225 files
+holding 2,127 distinct texts), and each text goes to ``train`` or ``eval`` by a
+hash of the text (5% eval), so the split is stable when a corpus grows, and
+evaluation text never enters a training store. A near-duplicate of an earlier
+document (half of its sampled 8-word shingles in common, e.g. a BBC story
+filed twice with a new headline) is dropped too, so no version of an eval
+document is trained on. A corpus of one document (a single ``.txt``) is split by
+position instead: its last 5%, cut at a line break, is the eval split.
 """
 
 from __future__ import annotations
 
 import hashlib
+import functools
 import itertools
 import json
 import re
+import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+import numpy as np
 
 from pipeline.core import paths
 from pipeline.core.errors import UserError
@@ -36,8 +49,14 @@ def _hash(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
 
 
-def split_of(key: str) -> str:
-    return "eval" if _hash("split:" + key) % 1000 < EVAL_PER_MILLE else "train"
+def normalized(text: str) -> str:
+    """The text with every whitespace run collapsed to one space: what dedup and the split compare."""
+    return " ".join(text.split())
+
+
+def split_of(text: str) -> str:
+    """``train`` or ``eval`` for a document's text (a hash of its normalized content)."""
+    return "eval" if _hash("split:" + normalized(text)) % 1000 < EVAL_PER_MILLE else "train"
 
 
 def _read_text(path: Path) -> str:
@@ -46,6 +65,18 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:  # one BBC file is Windows-1252
         return raw.decode("cp1252", errors="replace")
+
+
+_CONTROL = set(range(9)) | {11, 12} | set(range(14, 32))
+
+
+def _read_local_text(path: Path) -> str:
+    """A user's .txt: UTF-8 (or Windows-1252 text), never binary bytes decoded as text."""
+    head = path.read_bytes()[:8192]
+    if b"\x00" in head or sum(b in _CONTROL for b in head) > 0.05 * max(len(head), 1):
+        raise UserError(f"DATA file {path} is binary, not text (NUL or control bytes); "
+                        f"remove it from DATA or convert it to UTF-8 text")
+    return _read_text(path)
 
 
 def _bbc() -> list[Document]:
@@ -111,22 +142,50 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
+FIELD_FIX = "name the text field with `nnd harvest --text-field NAME`, or fix the file"
+
+
+def _jsonl(f: Path, text_field: str) -> Iterator[Document]:
+    with open(f, encoding="utf-8", errors="replace") as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"DATA file {f} line {i + 1} is not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict) or text_field not in row:
+                fields = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"DATA file {f} line {i + 1} has no field '{text_field}' (it has: {fields}); {FIELD_FIX}")
+            text = row[text_field]
+            if text is not None and not isinstance(text, str):
+                raise UserError(f"DATA file {f} line {i + 1}: field '{text_field}' is {type(text).__name__}, not text; "
+                                f"{FIELD_FIX}")
+            yield Document(f"{f}:{i}", (text or "").strip())
+
+
+def _parquet(f: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(f).names
+    if text_field not in names:
+        raise UserError(f"DATA file {f} has no column '{text_field}' (it has: {', '.join(names)}); {FIELD_FIX}")
+    column = pq.read_table(f, columns=[text_field]).column(text_field).to_pylist()
+    for i, text in enumerate(column):
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"DATA file {f}: column '{text_field}' holds {type(text).__name__}, not text; {FIELD_FIX}")
+        yield Document(f"{f}:{i}", (text or "").strip())
+
+
 def _local(path: Path, text_field: str) -> Iterator[Document]:
     """.txt: one document per file; .jsonl: one per line; .parquet: one per row."""
     for f in _local_files(path):
         if f.suffix == ".txt":
-            yield Document(f"{f}", _read_text(f).strip())
+            yield Document(f"{f}", _read_local_text(f).strip())
         elif f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if line.strip():
-                        yield Document(f"{f}:{i}", json.loads(line)[text_field])
+            yield from _jsonl(f, text_field)
         else:
-            import pyarrow.parquet as pq
-
-            column = pq.read_table(f, columns=[text_field]).column(text_field).to_pylist()
-            for i, text in enumerate(column):
-                yield Document(f"{f}:{i}", text)
+            yield from _parquet(f, text_field)
 
 
 def _hub(dataset_id: str, text_field: str) -> Iterator[Document]:
@@ -159,8 +218,8 @@ def documents(name: str, split: str, text_field: str = "text") -> Iterator[Docum
     if split not in SPLITS:
         raise UserError(f"split '{split}' is not one of {', '.join(SPLITS)}")
     if name in BUNDLED:
-        stream: Iterator[Document] = iter(BUNDLED[name][1]())
-    elif is_local(name):
+        return _split(iter(_bundled(name)), split)
+    if is_local(name):
         if not Path(name).exists():
             raise UserError(f"DATA path {name} does not exist")
         stream = _local(Path(name), text_field)
@@ -171,9 +230,83 @@ def documents(name: str, split: str, text_field: str = "text") -> Iterator[Docum
             f"unknown DATA '{name}'; bundled: {', '.join(BUNDLED)}, a local .txt/.jsonl/.parquet path, "
             f"or a Hugging Face dataset id (owner/name)"
         )
-    return (d for d in stream if d.text and split_of(d.key) == split)
+    return _split(unique(stream), split)
 
 
-def store_name(name: str) -> str:
-    """A path-safe name for a corpus, used in store paths (``pipeline.core.paths.data_key``)."""
-    return paths.data_key(name)
+SHINGLE_WORDS = 8  # near-duplicates are compared on 8-word shingles,
+SAMPLE_EVERY = 4  # a content-defined quarter of them (the same ones in both copies),
+NEAR_DUPLICATE = 0.5  # and a document sharing half of its sampled shingles with an earlier one is dropped
+MIN_SHARED = 5  # (at least this many: short templated stubs are not duplicates)
+
+
+def sketch(text: str) -> set[int]:
+    """The sampled shingle hashes of a text (crc32 words, a polynomial rolling hash: the same in every process)."""
+    words = normalized(text).lower().split()
+    n = len(words) - SHINGLE_WORDS + 1
+    if n <= 0:
+        return set()
+    w = np.fromiter((zlib.crc32(x.encode()) for x in words), dtype=np.uint64, count=len(words))
+    h = np.zeros(n, dtype=np.uint64)
+    for k in range(SHINGLE_WORDS):
+        h = h * np.uint64(1_000_003) + w[k : k + n]  # wraps modulo 2^64
+    return set(h[(h >> np.uint64(40)) % np.uint64(SAMPLE_EVERY) == 0].tolist())
+
+
+@functools.lru_cache(maxsize=None)
+def _bundled(name: str) -> tuple[Document, ...]:
+    return tuple(unique(iter(BUNDLED[name][1]())))
+
+
+def unique(stream: Iterator[Document]) -> Iterator[Document]:
+    """The non-empty documents that are not a duplicate or near-duplicate of an earlier one in the stream.
+
+    Duplicate: equal after collapsing whitespace. Near-duplicate: it shares
+    with one earlier document at least half of the sampled shingles of the
+    larger of the two (and at least 5), e.g. an article filed twice with
+    edits. The first version is kept. Bundled corpora: BBC 2,225 files ->
+    2,125 distinct texts -> 2,055 documents; sotu, wiki and shakespeare have
+    neither.
+    """
+    seen: set[bytes] = set()
+    index: dict[int, list[int]] = {}
+    sizes: list[int] = []
+    for d in stream:
+        h = hashlib.sha256(normalized(d.text).encode()).digest()[:16] if d.text else None
+        if h is None or h in seen:
+            continue
+        seen.add(h)
+        shingles = sketch(d.text)
+        shared = Counter(j for g in shingles for j in index.get(g, ()))
+        if any(n >= max(NEAR_DUPLICATE * max(len(shingles), sizes[j]), MIN_SHARED) for j, n in shared.items()):
+            continue
+        for g in shingles:
+            index.setdefault(g, []).append(len(sizes))
+        sizes.append(len(shingles))
+        yield d
+
+
+def _split(stream: Iterator[Document], split: str) -> Iterator[Document]:
+    first = list(itertools.islice(stream, 2))
+    if len(first) == 1:  # one document: split by position
+        part = by_position(first[0])[split]
+        if part.text:
+            yield part
+        return
+    for d in itertools.chain(first, stream):
+        if split_of(d.text) == split:
+            yield d
+
+
+def by_position(doc: Document) -> dict[str, Document]:
+    """A lone document split into train (its first 95%) and eval (the rest), at the line break (else the space)
+    nearest that point, if one lies within 2% of the text of it."""
+    text = doc.text
+    target = len(text) * (1000 - EVAL_PER_MILLE) // 1000
+    cut = target
+    for pattern in (r"\n", r"\s"):
+        near = [m.start() for m in re.finditer(pattern, text) if abs(m.start() - target) <= len(text) // 50]
+        if near:
+            cut = min(near, key=lambda b: abs(b - target))
+            break
+    return {"train": Document(f"{doc.key}#train", text[:cut].strip()),
+            "eval": Document(f"{doc.key}#eval", text[cut:].strip())}
