@@ -2,7 +2,7 @@
 
 import typer
 
-from stages import evaluate, export, harvest, train
+from stages import evaluate, export, harvest, train, verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nn-decompositions pipeline stages")
 
@@ -18,6 +18,7 @@ app.command()(evaluate.evaluate)
 app.command()(evaluate.baselines)
 app.command()(evaluate.report)
 app.command()(export.export)
+app.command()(verify.verify)
 
 if __name__ == "__main__":
     app()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
 from pipeline.data.harvest import HarvestConfig, harvest as run_harvest
@@ -39,8 +40,14 @@ def harvest(
     text_field: str = typer.Option("text", help="text column of jsonl/parquet/HF data"),
     chunk_rows: int = typer.Option(8192, help="rows per chunk, rounded down to whole sequences"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    repair: bool = typer.Option(False, help="recompute exactly the chunks `nnd verify` finds damaged (settings from the store)"),
 ):
     """Harvest MLP activations into data/harvest/<lm>/<data>/<split>-ctx<ctx>.zarr."""
+    if shards < 1:
+        raise UserError(f"SHARDS={shards} must be at least 1 (the number of harvest processes)")
+    if repair:
+        _repair(store or str(paths.store(data_dir, lm, data, split, ctx)), data_dir, text_field, progress)
+        return
     if data == "toy":
         _harvest_toy(lm, layers, tokens, ctx, split, data_dir, store)
         return
@@ -67,6 +74,30 @@ def harvest(
         return
     summary = run_harvest(HarvestConfig(**base), progress=progress)
     print(summary.line())
+
+
+def _repair(location: str, data_dir: Path, text_field: str, progress: bool) -> None:
+    """Everything but the location comes from the store's manifest."""
+    from pipeline.data.verify import repair_layers, verify
+
+    before = verify(location)
+    if before.ok:
+        print(f"repair: {location} is intact ({before.chunks_checked} layer-chunks verified); nothing to do")
+        return
+    if before.half_created:
+        raise UserError(f"{location} was never finished (no manifest); run the harvest command that created it")
+    m, layers = repair_layers(location)
+    if m.get("lm") == "toy":
+        raise UserError(f"{location} is a toy store; delete it and run `nnd harvest --data toy` again")
+    cfg = HarvestConfig(lm=m["lm"], data=m["data"], split=m["split"], layers=tuple(layers), tokens=int(m["n_rows"]),
+                        ctx=int(m["ctx"]), dtype=m["dtype"], compressor=m["compressor"], data_dir=data_dir,
+                        store=location, text_field=text_field, chunk_rows=int(m["chunk_rows"]))
+    summary = run_harvest(cfg, progress=progress, repair=True)
+    after = verify(location)
+    if not after.ok:
+        raise UserError(f"repair of {location} left {len(after.problems)} problems, e.g. {after.problems[0].line()}")
+    print(f"repair: {len(before.problems)} problems fixed, {sum(summary.computed_chunks.values())} layer-chunks "
+          f"recomputed -> {location}")
 
 
 def _harvest_toy(lm: str, layers: str, tokens: int, ctx: int, split: str, data_dir: Path, store: str | None) -> None:

@@ -184,7 +184,7 @@ def test_a_second_harvest_of_the_same_store_is_refused(data_dir):
     location.parent.mkdir(parents=True)
     with writer_lock(Root(location), run_id="someone-else", shard=0, n_shards=1):
         proc = run_nnd(*_cli_args(data_dir, 1000), check=False)
-    _assert_one_line_error(proc, "another harvest is writing")
+    _assert_one_line_error(proc, "another harvest", f"(pid {os.getpid()} on host", "is writing")
     assert not (location / "zarr.json").exists()
 
 

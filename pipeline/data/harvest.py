@@ -60,8 +60,8 @@ class HarvestConfig:
             raise UserError(f"SPLIT={self.split} is not one of {', '.join(corpora.SPLITS)}")
         if not (self.n_shards >= 1 and 0 <= self.shard < self.n_shards):
             raise UserError(f"shard {self.shard} of {self.n_shards} is out of range; shards are numbered 0..SHARDS-1")
-        if self.chunk_rows < self.ctx - 1:
-            raise UserError(f"CHUNK_ROWS={self.chunk_rows} must hold at least one sequence (CTX-1 = {self.ctx - 1} rows)")
+        if self.chunk_rows < 1:  # rounded down to whole sequences, at least one (chunk_rows_for)
+            raise UserError(f"CHUNK_ROWS={self.chunk_rows} must be a positive number of rows, e.g. CHUNK_ROWS=8192")
         if not self.layers:
             raise UserError("LAYERS is empty; give at least one layer, e.g. LAYERS=0-3")
 
@@ -161,14 +161,20 @@ class _ChunkWriter:
             raise self.error
 
 
-def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
+def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> HarvestSummary:
+    """Harvest ``cfg``; ``repair`` first forgets the chunks ``verify`` finds damaged, so exactly
+    those are recomputed (and the row arrays rewritten if they are damaged)."""
     t0 = time.perf_counter()
     layers = sorted(set(cfg.layers))
+    root = Root(cfg.location)
+    _check_writable(root)
     lm = load_lm(cfg.lm, cfg.data_dir)
     lm.check_layers(layers)
+    lm.check_ctx(cfg.ctx)
     per_seq = cfg.ctx - 1
     n_rows = -(-cfg.tokens // per_seq) * per_seq
-    table = token_table(lm, cfg.data, cfg.split, cfg.ctx, n_rows, cfg.text_field)
+    # the table covers every stored row too: they are checked against the corpus, and may be recomputed
+    table = token_table(lm, cfg.data, cfg.split, cfg.ctx, max(n_rows, _stored_rows(root)), cfg.text_field)
     identity = {
         "lm": cfg.lm,
         "lm_weights_sha256": lm.weights_sha256,
@@ -182,15 +188,14 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
         "chunk_rows": chunk_rows_for(cfg.ctx, cfg.chunk_rows),
     }
     hooks = {h: HOOKS[h] for h in lm.hooks}
-    root = Root(cfg.location)
-    _check_writable(root)
     writer = StoreWriter(cfg.location, identity, hooks, lm.d_model, lm.n_layers, lm.d_mlp)
     run_id = canonical_hash({"identity": identity, "layers": layers, "n_rows": n_rows})
     summary = HarvestSummary(cfg.location, n_rows)
     torch_dtype = getattr(torch, cfg.dtype)
     with writer_lock(root, run_id, cfg.shard, cfg.n_shards):
         with meta_lock(root):
-            writer.prepare(n_rows, layers, table.rows())
+            rewrite_rows = _forget_damaged(cfg.location) if repair else False
+            writer.prepare(n_rows, layers, table.rows(), rewrite_rows=rewrite_rows)
         seqs_per_chunk = writer.chunk_rows // per_seq
         todo = []
         for c in range(cfg.shard, writer.n_chunks, cfg.n_shards):
@@ -227,6 +232,23 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestSummary:
             summary.complete_layers = writer.finalize()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _stored_rows(root: Root) -> int:
+    """Rows already in the store at ``root`` (0 if there is none yet)."""
+    try:
+        return int(root.read_json("zarr.json").get("attributes", {}).get("manifest", {}).get("n_rows", 0))
+    except (FileNotFoundError, ValueError, AttributeError):
+        return 0
+
+
+def _forget_damaged(location: str) -> bool:
+    from pipeline.data.verify import forget_damaged, verify
+
+    report = verify(location)
+    if report.half_created:
+        return False  # prepare recreates it
+    return forget_damaged(location, report)
 
 
 def _check_writable(root: Root) -> None:

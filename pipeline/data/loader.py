@@ -164,18 +164,23 @@ class ActivationLoader:
         return out
 
     def _read_chunk_into(self, key: Key, chunk: int, dest: np.ndarray) -> None:
+        """Read one chunk; a missing, short or non-finite one raises ``StoreDamage`` naming it
+        and the repair command (explicit checks: they hold under ``python -O`` too)."""
         layer, hook = key
         source = self.sources[key]
         path = source.chunk_file(layer, hook, chunk)
-        if path is not None and path.exists():
+        if path is not None:
+            problem = source.chunk_damage(layer, hook, chunk)
+            if problem:
+                raise source.damage(problem)
             with open(path, "rb", buffering=0) as f:
                 n = f.readinto(memoryview(dest).cast("B"))  # the file holds a full chunk; we want its first rows
-            assert n == dest.nbytes, f"short read of {path}"
+            if n != dest.nbytes:
+                raise source.damage(f"chunk {chunk} of layer {layer} {hook} is damaged (short read of {path})")
         else:
             dest[...] = source.read_chunk(layer, hook, chunk)
         if not all_finite(dest):
-            raise UserError(f"non-finite values (NaN/inf) in layer {layer} {hook}, chunk {chunk} of "
-                            f"{source.root.location}; re-harvest that store")
+            raise source.damage(f"non-finite values (NaN/inf) in layer {layer} {hook}, chunk {chunk}")
 
     def _groups_from(self, epoch: int, group: int) -> Iterator[tuple[int, int, np.ndarray]]:
         while True:

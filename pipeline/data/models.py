@@ -24,6 +24,7 @@ import torch
 from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.hashing import sha256_file
+from pipeline.core.layers import layers_label
 
 # Hook templates. ``mlp_out`` is what the MLP block writes to the residual
 # stream (for Gemma that is after the post-feed-forward norm); ``mlp_out_raw``
@@ -66,6 +67,7 @@ class LoadedLM:
     d_mlp: int
     folder: Path
     extra: dict = field(default_factory=dict)
+    max_positions: int | None = None  # longest context the model was built for (None: unknown)
 
     # Evaluate replaces this hook: the block's contribution to the residual
     # stream. For Gemma that includes the post-feed-forward norm, so a
@@ -85,9 +87,14 @@ class LoadedLM:
         bad = [l for l in layers if not 0 <= l < self.n_layers]
         if bad:
             raise UserError(
-                f"LAYERS {bad} outside {self.name}, which has layers 0-{self.n_layers - 1}; "
+                f"LAYERS {layers_label(bad)} outside {self.name}, which has layers 0-{self.n_layers - 1}; "
                 f"pick layers in that range, e.g. LAYERS=0-3"
             )
+
+    def check_ctx(self, ctx: int) -> None:
+        if self.max_positions is not None and ctx > self.max_positions:
+            raise UserError(f"CTX={ctx} is longer than {self.name}'s maximum of {self.max_positions} positions; "
+                            f"use CTX={self.max_positions} or less")
 
 
 def _package_dir(module: str) -> Path:
@@ -312,4 +319,13 @@ def load_lm(name: str, data_dir: Path = Path("data")) -> LoadedLM:
         d_model=int(bridge.cfg.d_model),
         d_mlp=int(d_mlp),
         folder=folder,
+        max_positions=_max_positions(text_cfg),
     )
+
+
+def _max_positions(cfg) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -10,6 +10,11 @@ Layout (see docs/CONTRACTS.md)::
       progress/<l>/<chunk>.json  completion record of one chunk of one layer
     <store>.zarr.locks/          flock files (local filesystems only)
 
+A new store is built under a hidden temporary name and renamed into place
+once its manifest is written, so a store folder without a manifest is never
+one of ours in progress: a metadata-only one (left by older versions) is
+recreated, anything else is refused.
+
 A chunk of a layer counts as written only once its completion record exists;
 records are written after the data, by write-to-temporary-then-rename, so a
 process killed at any moment leaves at worst a chunk that is recomputed. The
@@ -20,21 +25,21 @@ or shard wrote which chunk.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
+import os
+import shutil
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import fsspec
 import numpy as np
 import zarr
 
 from pipeline.core.errors import UserError
 from pipeline.core.hashing import canonical_hash, code_version
+from pipeline.data import integrity
+from pipeline.data.store_root import Root
+from pipeline.data.integrity import check_finite, half_created  # noqa: F401  (re-exported)
+from pipeline.data.store_locks import meta_lock, writer_lock  # noqa: F401  (re-exported)
 
 TARGET_CHUNK_ROWS = 8192
 FORMAT_VERSION = 1
@@ -52,37 +57,6 @@ def chunk_rows_for(ctx: int, target: int = TARGET_CHUNK_ROWS) -> int:
     """The multiple of ``ctx - 1`` nearest below ``target``: chunks hold whole sequences."""
     per_seq = ctx - 1
     return max(1, target // per_seq) * per_seq
-
-
-class Root:
-    """A store location: a local path or an fsspec URL (``file://``, ``s3://`` ...)."""
-
-    def __init__(self, location: str | Path):
-        self.location = str(location)
-        self.fs, self.path = fsspec.core.url_to_fs(self.location)
-        self.local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
-
-    def join(self, *parts: str) -> str:
-        return "/".join([self.path.rstrip("/"), *parts])
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.join(*parts))
-
-    def read_json(self, *parts: str):
-        with self.fs.open(self.join(*parts), "r") as f:
-            return json.load(f)
-
-    def write_json_atomic(self, obj, *parts: str) -> None:
-        target = self.join(*parts)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        self.fs.makedirs(self.join(*parts[:-1]), exist_ok=True)
-        with self.fs.open(tmp, "w") as f:
-            json.dump(obj, f, sort_keys=True)
-        self.fs.mv(tmp, target)
-
-    def group(self, mode: str) -> zarr.Group:
-        store = self.path if self.local else self.location
-        return zarr.open_group(store=store, mode=mode)
 
 
 @dataclass(frozen=True)
@@ -111,7 +85,9 @@ class HarvestStore:
         group = root.group("r")
         manifest = dict(group.attrs.get("manifest", {}))
         if not manifest:
-            raise UserError(f"{location} is not a harvest store (no manifest); delete it and harvest again")
+            hint = ("its creation was interrupted; the same `make harvest` recreates it" if half_created(root)
+                    else "delete it and harvest again")
+            raise UserError(f"{location} is not a finished harvest store (no manifest): {hint}")
         store = cls(root, group, manifest)
         missing = [l for l in (layers or []) if l not in manifest["layers"]]
         if missing:
@@ -179,14 +155,45 @@ class HarvestStore:
             return None
         return Path(self.root.join(ArraySpec(layer, hook).key, "c", str(i), "0"))
 
+    @property
+    def chunk_nbytes(self) -> int:
+        """Size of a raw chunk file: every chunk, the last one included, is stored whole."""
+        return self.chunk_rows * self.d_model * np.dtype(self.manifest["dtype"]).itemsize
+
+    def chunk_damage(self, layer: int, hook: str, i: int) -> str | None:
+        """Why the raw chunk file cannot be read (missing, wrong size), or None."""
+        path = self.chunk_file(layer, hook, i)
+        if path is None:
+            return None
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"chunk {i} of layer {layer} {hook} is missing ({path} does not exist)"
+        if size != self.chunk_nbytes:
+            return f"chunk {i} of layer {layer} {hook} is damaged ({path} holds {size} bytes, not {self.chunk_nbytes})"
+        return None
+
+    def damage(self, what: str) -> integrity.StoreDamage:
+        return integrity.damage(self.root.location, what)
+
     def read_chunk(self, layer: int, hook: str, i: int) -> np.ndarray:
         rows = self.rows_in_chunk(i)
         path = self.chunk_file(layer, hook, i)
         if path is not None:
+            problem = self.chunk_damage(layer, hook, i)
+            if problem:
+                raise self.damage(problem)
             full = np.fromfile(path, dtype=np.dtype(self.manifest["dtype"]).newbyteorder("<"))
             return full.reshape(self.chunk_rows, self.d_model)[:rows]
         start = i * self.chunk_rows
         return self.array(layer, hook)[start : start + rows]
+
+    def record(self, layer: int, i: int) -> dict | None:
+        """The completion record of chunk ``i`` of ``layer`` (rows, stats, checksums), or None."""
+        try:
+            return self.root.read_json("progress", str(layer), f"{i}.json")
+        except (FileNotFoundError, ValueError):
+            return None
 
     def rows(self, name: str) -> np.ndarray:
         """``tokens``, ``doc`` or ``pos`` for all rows."""
@@ -208,40 +215,37 @@ class StoreWriter:
         self.manifest: dict = {}
 
     # ----- set-up ---------------------------------------------------------
-    def prepare(self, n_rows: int, layers: list[int], row_data: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+    def prepare(self, n_rows: int, layers: list[int], row_data: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                rewrite_rows: bool = False) -> None:
         """Create the store, or check it holds the same thing and grow it.
 
-        ``row_data`` (tokens, doc, pos) covers the first ``n_rows`` rows; it is
-        only read when the store is new or grows.
+        ``row_data`` (tokens, doc, pos) covers at least the first ``n_rows``
+        rows and every row already stored: it must yield the rows the store
+        holds (``integrity.check_same_rows``). ``rewrite_rows`` rewrites the
+        stored row arrays from it (repair).
         """
         chunk_rows = int(self.identity["chunk_rows"])
-        if self.root.exists("zarr.json"):
-            group = self.root.group("r+")
-            manifest = dict(group.attrs.get("manifest", {}))
-            if not manifest:
-                raise UserError(f"{self.root.location} exists but is not a harvest store; move it away or choose another DATA_DIR")
-            clash = {k: (manifest.get(k), self.identity[k]) for k in IDENTITY_FIELDS if manifest.get(k) != self.identity[k]}
-            if clash:
-                field, (have, want) = next(iter(clash.items()))
-                raise UserError(
-                    f"store {self.root.location} was written with {field}={have!r}, not {want!r}; "
-                    f"it belongs to another model or corpus: remove it or use another DATA_DIR"
-                )
-        else:
-            self.root.fs.makedirs(self.root.path, exist_ok=True)
-            group = self.root.group("w")
-            manifest = {
-                **self.identity,
-                "format_version": FORMAT_VERSION,
-                "d_model": self.d_model,
-                "n_layers": self.n_layers,
-                "d_mlp": self.d_mlp,
-                "n_rows": 0,
-                "hooks": self.hooks,
-                "layers": [],
-                "complete": False,
-            }
+        if half_created(self.root):
+            self.root.fs.rm(self.root.path, recursive=True)
+        if not self.root.exists("zarr.json"):
+            self._create_store()
+        group = self.root.group("r+")
+        manifest = dict(group.attrs.get("manifest", {}))
+        if not manifest:
+            raise UserError(f"{self.root.location} exists but is not a harvest store; move it away or choose another DATA_DIR")
+        clash = {k: (manifest.get(k), self.identity[k]) for k in IDENTITY_FIELDS if manifest.get(k) != self.identity[k]}
+        if clash:
+            field, (have, want) = next(iter(clash.items()))
+            raise UserError(
+                f"store {self.root.location} was written with {field}={have!r}, not {want!r}; "
+                f"it belongs to another model or corpus: remove it or use another DATA_DIR"
+            )
+        if row_data is not None:
+            integrity.check_same_rows(self.root.location, manifest, row_data,
+                                      lambda: tuple(group[n][:] for n in integrity.ROW_ARRAYS))
         old_rows = int(manifest["n_rows"])
+        if rewrite_rows and old_rows:
+            self._rewrite_rows(group, old_rows, row_data)
         if n_rows > old_rows:
             self._grow(group, manifest, old_rows, n_rows, row_data)
         for layer in layers:
@@ -254,6 +258,28 @@ class StoreWriter:
         group.attrs["manifest"] = manifest
         self.group, self.manifest = group, manifest
 
+    def _create_store(self) -> None:
+        """An empty store with its manifest, appearing under its name only once complete."""
+        manifest = {**self.identity, "format_version": FORMAT_VERSION, "d_model": self.d_model,
+                    "n_layers": self.n_layers, "d_mlp": self.d_mlp, "n_rows": 0, "hooks": self.hooks,
+                    "layers": [], "complete": False, "row_ranges": []}
+        if not self.root.local:  # one object written whole, the manifest in it
+            zarr.open_group(store=self.root.location, mode="w", attributes={"manifest": manifest})
+            return
+        final = Path(self.root.path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for debris in final.parent.glob(f".{final.name}.tmp-*"):  # creators killed earlier (we hold meta_lock)
+            shutil.rmtree(debris, ignore_errors=True)
+        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex}")
+        zarr.open_group(store=str(tmp), mode="w", attributes={"manifest": manifest})
+        os.rename(tmp, final)
+
+    def _rewrite_rows(self, group, n_rows: int, row_data) -> None:
+        for name, values in zip(integrity.ROW_ARRAYS, row_data):
+            if self.root.exists(name, "c"):  # damaged chunks are not read back: write every one afresh
+                self.root.fs.rm(self.root.join(name, "c"), recursive=True)
+            group[name][0:n_rows] = values[:n_rows]
+
     def _create(self, group, key, shape, dtype, chunk_rows):
         compressors = None if self.identity["compressor"] == "none" else zarr.codecs.ZstdCodec(level=3)
         chunks = (chunk_rows,) + tuple(shape[1:])
@@ -261,9 +287,10 @@ class StoreWriter:
                            fill_value=0, config={"write_empty_chunks": True})
 
     def _grow(self, group, manifest, old_rows, n_rows, row_data):
-        assert row_data is not None and len(row_data[0]) >= n_rows
+        if row_data is None or len(row_data[0]) < n_rows:
+            raise ValueError(f"growing {self.root.location} to {n_rows} rows needs the rows' tokens")
         chunk_rows = int(manifest["chunk_rows"])
-        for name, values in zip(("tokens", "doc", "pos"), row_data):
+        for name, values in zip(integrity.ROW_ARRAYS, row_data):
             if name not in group:
                 self._create(group, name, (0,), "int32", chunk_rows)
             arr = group[name]
@@ -279,6 +306,7 @@ class StoreWriter:
                 path = self.root.join("progress", str(layer), f"{last}.json")
                 if self.root.fs.exists(path):
                     self.root.fs.rm(path)
+        manifest["row_ranges"] = integrity.row_ranges_after_growth(manifest.get("row_ranges") or [], row_data, old_rows, n_rows)
         manifest["n_rows"] = n_rows
         manifest["layers"] = []
         manifest["complete"] = False
@@ -302,7 +330,7 @@ class StoreWriter:
     def write_chunk(self, layer: int, chunk: int, values: dict[str, np.ndarray]) -> None:
         """Write one chunk of every hook of a layer, then its completion record."""
         start = chunk * self.chunk_rows
-        record = {"rows": None, "stats": {}}
+        record = {"rows": None, "stats": {}, "sha256": {}}
         for hook, x in values.items():
             x32 = np.ascontiguousarray(x, dtype=np.float32)
             # BLAS reductions: a chunk's sums in fp32 (folded across chunks in
@@ -312,6 +340,7 @@ class StoreWriter:
                 check_finite(x32, layer, hook, chunk, self.identity["dtype"])
             self.group[ArraySpec(layer, hook).key][start : start + len(x)] = x
             record["rows"] = len(x)
+            record["sha256"][hook] = integrity.chunk_sha256(x, self.identity["dtype"])
             record["stats"][hook] = {"sum": (np.ones(len(x32), np.float32) @ x32).tolist(), "sum_sq_norm": sum_sq}
         self.root.write_json_atomic(record, "progress", str(layer), f"{chunk}.json")
 
@@ -358,69 +387,3 @@ class StoreWriter:
         for tmp in self.root.fs.glob(self.root.join("progress", "*", "*.json.tmp-*")):
             if self.root.fs.exists(tmp.split(".tmp-")[0]):
                 self.root.fs.rm(tmp)
-
-
-def check_finite(x: np.ndarray, layer: int, hook: str, chunk: int, dtype: str) -> None:
-    if not np.isfinite(x).all() or (dtype == "float16" and np.abs(x).max() > np.finfo(np.float16).max):
-        hint = " (values overflow float16; harvest with DTYPE=float32)" if dtype == "float16" else ""
-        raise UserError(f"non-finite activations in layer {layer} {hook}, chunk {chunk}{hint}")
-
-
-# ----- locking ---------------------------------------------------------------
-
-@contextmanager
-def writer_lock(root: Root, run_id: str, shard: int, n_shards: int) -> Iterator[None]:
-    """Hold the store for one harvest run; shards of the same run may share it.
-
-    A run is identified by its config and shard count. The first process of a
-    run takes ``active.lock`` exclusively and records the run; processes of
-    the same run join it with a shared lock, each holding its own shard lock;
-    anything else is refused. Only local and shared POSIX filesystems support
-    this; on object stores the caller must not start conflicting runs.
-    """
-    if not root.local:
-        yield
-        return
-    lock_dir = Path(root.path.rstrip("/") + ".locks")
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    meta = open(lock_dir / "meta.lock", "a+")
-    active = open(lock_dir / "active.lock", "a+")
-    shard_file = open(lock_dir / f"shard-{shard}.lock", "a+")
-    run_file = lock_dir / "run.json"
-    this_run = {"run": run_id, "shards": n_shards}
-    try:
-        fcntl.flock(meta, fcntl.LOCK_EX)
-        try:
-            fcntl.flock(active, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            run_file.write_text(json.dumps(this_run))
-            fcntl.flock(active, fcntl.LOCK_SH)  # downgrade: siblings may join
-        except BlockingIOError:
-            current = json.loads(run_file.read_text()) if run_file.exists() else {}
-            if current != this_run:
-                raise UserError(
-                    f"another harvest is writing {root.location} with different settings; "
-                    f"wait for it to finish (only shards of one run, SHARDS=N, may write at once)"
-                ) from None
-            fcntl.flock(active, fcntl.LOCK_SH)
-        try:
-            fcntl.flock(shard_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"shard {shard} of this harvest of {root.location} is already running") from None
-        fcntl.flock(meta, fcntl.LOCK_UN)
-        yield
-    finally:
-        for f in (shard_file, active, meta):
-            f.close()
-
-
-@contextmanager
-def meta_lock(root: Root) -> Iterator[None]:
-    """Serialise structural changes (create, grow, finalize) between shards."""
-    if not root.local:
-        yield
-        return
-    lock_dir = Path(root.path.rstrip("/") + ".locks")
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / "meta.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
