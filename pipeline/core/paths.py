@@ -13,7 +13,7 @@ Layout under ``DATA_DIR``::
     harvest/<lm>/<data>/<split>-ctx<ctx>.zarr            activation store
     train/<lm>/<data>/ctx<ctx>/<group>/<name>/           a checkpoint (group: transcoder | sae | clt)
     eval/<lm>/<data>/ctx<ctx>-t<eval_tokens>[-bf16]/     an eval set: reference/, <method>/metrics.json, report/
-    stamps/                                              Make's parameter stamps
+    stamps/                                              Make's parameter stamps (only ever written by recipes)
 
 ``<lm>`` and ``<data>`` are path-safe keys of the names the user gave
 (``lm_key``, ``data_key``): a Hugging Face id ``owner/name`` becomes
@@ -27,8 +27,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
+import shutil
 import sys
 from pathlib import Path
+
+from pipeline.core.errors import UserError
+from pipeline.core.layers import layers_label, parse_layers
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -98,11 +102,125 @@ def stamps(data_dir: Path) -> Path:
     return Path(data_dir) / "stamps"
 
 
+# ----- checkpoint names of a MODEL (the registry's naming; tests/test_make_safety.py keeps the two in step)
+
+TRANSCODER_VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
+CLT_DEFAULT_VARIANT = "batchtopk"  # MODEL=clt
+MODELS = (*TRANSCODER_VARIANTS, *(f"skip-{v}" for v in TRANSCODER_VARIANTS),
+          "clt", *(f"clt-{v}" for v in TRANSCODER_VARIANTS))
+KINDS = ("transcoder", "sae")
+
+
+def checkpoint_names(model: str, k: int, layers: list[int], kind: str = "transcoder") -> list[tuple[str, str]]:
+    """(group, name) of every checkpoint ``nnd train --model MODEL --k K --layers LAYERS`` writes:
+    one per layer for (skip) transcoders and SAEs, one over all layers for a CLT."""
+    if model not in MODELS:
+        raise UserError(f"unknown MODEL '{model}'; choose from {', '.join(MODELS)}")
+    if model == "clt" or model.startswith("clt-"):
+        variant = CLT_DEFAULT_VARIANT if model == "clt" else model[len("clt-"):]
+        return [("clt", f"clt-{variant}-k{k}-L{layers_label(layers)}")]
+    return [(kind, f"{model}-k{k}-L{layer}") for layer in layers]
+
+
+def method_key(model: str, k: int) -> str:
+    """The eval folder name of one (MODEL, K) of `make pareto`: <eval dir>/<model>-k<k>/metrics.json."""
+    return f"{model}-k{k}"
+
+
+def neuron_baseline(k: int, layers: list[int]) -> str:
+    """The eval folder name of `nnd baselines`' neuron baseline at K."""
+    return f"neurons-k{k}-L{layers_label(layers)}"
+
+
+def harvest_stamp(data_dir: Path, lm: str, data: str, ctx: int) -> Path:
+    """Make's record of the last successful `make harvest` (its parameters) for one store."""
+    return stamps(data_dir) / "harvest" / lm_key(lm) / data_key(data) / f"ctx{ctx}.done"
+
+
+def train_stamp(data_dir: Path, lm: str, data: str, ctx: int) -> Path:
+    """Make's record of the training parameters of the last successful train of one store's checkpoints."""
+    return stamps(data_dir) / "train" / lm_key(lm) / data_key(data) / f"ctx{ctx}.params"
+
+
+def eval_stamp(data_dir: Path, lm: str, data: str, ctx: int, eval_tokens: int) -> Path:
+    """Make's record of the evaluation parameters (the layer set) of one eval set."""
+    return stamps(data_dir) / "eval" / lm_key(lm) / data_key(data) / f"ctx{ctx}-t{eval_tokens}.params"
+
+
+# ----- what `make clean-data` may delete ---------------------------------------------------
+
+PIPELINE_ENTRIES = ("models", "harvest", "train", "eval", "reports", "stamps")
+
+
+def clean_data(data_dir: Path) -> list[Path]:
+    """Delete what the pipeline wrote under ``data_dir`` (never its README or anything else).
+
+    Refuses a folder that is not a data folder: empty, the filesystem root, the home folder,
+    this repository's root, or any folder holding a ``.git``."""
+    if not str(data_dir).strip():
+        raise UserError("DATA_DIR is empty; name the data folder to clean, e.g. DATA_DIR=data")
+    root = Path(data_dir).expanduser().resolve()
+    repo = Path(__file__).resolve().parents[2]
+    if root == Path(root.anchor) or root == Path.home().resolve() or root == repo or (root / ".git").exists():
+        raise UserError(f"DATA_DIR={data_dir} ({root}) is not a data folder; refusing to clean it")
+    removed = []
+    for name in PIPELINE_ENTRIES:
+        entry = root / name
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+        elif entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            continue
+        removed.append(entry)
+    return removed
+
+
+# ----- the Makefile's values: checked here after Make's character check --------------------
+
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9._-]*"
+_HUB_ID = re.compile(rf"{_NAME}(/{_NAME})?")
+_PATH = re.compile(r"[A-Za-z0-9._/+-]+")
+
+
+def _ks(text: str, what: str) -> list[int]:
+    ks = [int(p) for p in text.split(",") if re.fullmatch(r"[0-9]+", p)]
+    if not ks or len(ks) != len(text.split(",")) or min(ks) <= 0:
+        raise UserError(f"{what}='{text}' must be a comma list of positive integers, e.g. 8,16,32,64")
+    return list(dict.fromkeys(ks))
+
+
+def _models(text: str, what: str) -> list[str]:
+    names = text.split(",")
+    bad = [n for n in names if n not in MODELS]
+    if bad or not names:
+        raise UserError(f"{what}='{text}': unknown {', '.join(bad) or 'empty name'}; choose from {', '.join(MODELS)}")
+    return list(dict.fromkeys(names))
+
+
+def check(a: argparse.Namespace) -> None:
+    """Refuse a value no stage would accept, before Make builds a rule or a path from it."""
+    if not str(a.data_dir) or not _PATH.fullmatch(str(a.data_dir)):
+        raise UserError(f"DATA_DIR='{a.data_dir}' must be a non-empty path of letters, digits and ._/+-")
+    if Path(a.data_dir).expanduser().resolve() == Path(Path(a.data_dir).resolve().anchor):
+        raise UserError("DATA_DIR=/ is the filesystem root; name a data folder")
+    if not _HUB_ID.fullmatch(a.lm):
+        raise UserError(f"LM='{a.lm}' must be a bundled model name or a Hugging Face id owner/name")
+    if not _PATH.fullmatch(a.data) or not (_HUB_ID.fullmatch(a.data) or is_local_corpus(a.data)):
+        raise UserError(f"DATA='{a.data}' must be a bundled corpus, a Hugging Face dataset id, or a local "
+                        f"file (.txt, .jsonl, .parquet) or folder of them")
+    if a.group not in (*KINDS, "clt"):
+        raise UserError(f"KIND='{a.group}' must be one of {', '.join(KINDS)}")
+    if a.layers is not None:
+        parse_layers(a.layers)
+
+
 # ----- the command line the Makefile uses -------------------------------------------------
 
 def _args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python3 -m pipeline.core.paths", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["model", "store", "checkpoint-group", "eval-dir", "report-dir", "data-key", "make-vars"])
+    p.add_argument("what", choices=["model", "store", "checkpoint-group", "eval-dir", "report-dir", "data-key", "make-vars",
+                                    "sweep-vars", "pareto-vars", "clean-data"])
     p.add_argument("--data-dir", default="data")
     p.add_argument("--lm", default="smollm2-135m")
     p.add_argument("--data", default="bbc")
@@ -111,12 +229,66 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--group", default="transcoder")
     p.add_argument("--eval-tokens", type=int, default=0)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--layers", default=None, help="layer list (make-vars adds LAYERS_LABEL and the stamps)")
+    p.add_argument("--models", default="topk", help="sweep-vars: MODEL comma list")
+    p.add_argument("--ks", default="32", help="sweep-vars: K comma list")
+    p.add_argument("--prefix", default="P_", help="sweep-vars: prefix of the Make names printed")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def sweep_vars(a: argparse.Namespace, prefix: str) -> dict[str, object]:
+    """Every path of one sweep (MODELS x KS over LAYERS) as Make words: checkpoints, their done files,
+    metrics.json per (model, K), and the neuron baselines' metrics at the same K.
+
+    Lists are comma-joined. Names: <prefix>METHODS (keys), <prefix>CKPTS.<key>, <prefix>DONE.<key>,
+    <prefix>METRICS.<key>, <prefix>ALL_DONE, <prefix>NEURONS.<k>, <prefix>ALL_NEURONS, <prefix>ALL_METRICS,
+    and the checked <prefix>MODELS, <prefix>KS, <prefix>KIND."""
+    d, layers = Path(a.data_dir), parse_layers(a.layers or "0-3")
+    ev = eval_dir(d, a.lm, a.data, a.ctx, a.eval_tokens, a.dtype)
+    models, ks = _models(a.models, "MODEL"), _ks(a.ks, "K")
+    out: dict[str, object] = {}
+    keys, seen, all_done = [], set(), []
+    for model in models:
+        for k in ks:
+            ckpts = [checkpoint(d, a.lm, a.data, a.ctx, g, n) for g, n in checkpoint_names(model, k, layers, a.group)]
+            if tuple(ckpts) in seen:  # clt and clt-batchtopk name one checkpoint
+                continue
+            seen.add(tuple(ckpts))
+            key = method_key(model, k)
+            keys.append(key)
+            done = [c / "done" for c in ckpts]
+            all_done += done
+            out[f"{prefix}CKPTS.{key}"] = ",".join(map(str, ckpts))
+            out[f"{prefix}DONE.{key}"] = ",".join(map(str, done))
+            out[f"{prefix}METRICS.{key}"] = metrics(ev, key)
+    out[f"{prefix}METHODS"] = ",".join(keys)
+    out[f"{prefix}ALL_DONE"] = ",".join(map(str, all_done))
+    out[f"{prefix}ALL_METRICS"] = ",".join(str(out[f"{prefix}METRICS.{key}"]) for key in keys)
+    out[f"{prefix}KS"] = ",".join(map(str, ks))
+    out[f"{prefix}MODELS"] = ",".join(models)
+    out[f"{prefix}KIND"] = a.group
+    for k in ks:
+        out[f"{prefix}NEURONS.{k}"] = metrics(ev, neuron_baseline(k, layers))
+    out[f"{prefix}ALL_NEURONS"] = ",".join(str(out[f"{prefix}NEURONS.{k}"]) for k in ks)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     a = _args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(a: argparse.Namespace) -> int:
     d = Path(a.data_dir)
+    if a.what == "clean-data":
+        removed = clean_data(d)
+        print(f"removed {', '.join(map(str, removed))}" if removed else f"nothing of the pipeline's under {d}")
+        return 0
+    check(a)
     found = {
         "model": lambda: model_dir(d, a.lm),
         "store": lambda: store(d, a.lm, a.data, a.split, a.ctx),
@@ -125,9 +297,12 @@ def main(argv: list[str] | None = None) -> None:
         "report-dir": lambda: report_dir(eval_dir(d, a.lm, a.data, a.ctx, a.eval_tokens, a.dtype)),
         "data-key": lambda: data_key(a.data),
     }
-    if a.what != "make-vars":
+    if a.what in found:
         print(found[a.what]())
-        return
+        return 0
+    if a.what in ("sweep-vars", "pareto-vars"):
+        print(_words(sweep_vars(a, "P_" if a.what == "pareto-vars" else a.prefix)))
+        return 0
     ev = eval_dir(d, a.lm, a.data, a.ctx, a.eval_tokens, a.dtype)
     assignments = {
         "LM_KEY": lm_key(a.lm), "DATA_KEY": data_key(a.data),
@@ -135,10 +310,23 @@ def main(argv: list[str] | None = None) -> None:
         "T_ROOT": checkpoint_group(d, a.lm, a.data, a.ctx, "transcoder"),
         "CLT_ROOT": checkpoint_group(d, a.lm, a.data, a.ctx, "clt"),
         "EVAL_DIR": ev, "REPORT_DIR": report_dir(ev), "STAMPS": stamps(d),
+        "HARVEST_STAMP": harvest_stamp(d, a.lm, a.data, a.ctx), "TRAIN_STAMP": train_stamp(d, a.lm, a.data, a.ctx),
+        "EVAL_STAMP": eval_stamp(d, a.lm, a.data, a.ctx, a.eval_tokens),
     }
-    # One line, space-separated NAME=value words (values are validated paths without spaces).
-    print(" ".join(f"{k}={v}" for k, v in assignments.items()))
+    if a.layers is not None:
+        assignments["LAYERS_LABEL"] = layers_label(parse_layers(a.layers))
+    print(_words(assignments))
+    return 0
+
+
+def _words(assignments: dict[str, object]) -> str:
+    """One line, space-separated NAME=value words; a value with a space or a Make special would split
+    or re-expand, so it is refused (every input was checked, so this is a bug guard)."""
+    for name, value in assignments.items():
+        if not re.fullmatch(r"[A-Za-z0-9._/+,-]*", str(value)):
+            raise UserError(f"{name}={value} holds a character Make cannot take in a file name")
+    return " ".join(f"{k}={v}" for k, v in assignments.items())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Make safety: no user value reaches a shell unchecked, parsing writes nothing, clean-data deletes
+only what the pipeline wrote; and paths.py names checkpoints exactly as the method registry does."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from pipeline.core import paths
+
+
+def run_make(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+# what issue 15 reported, with {probe} standing for the file a successful injection would create
+INJECTIONS = [
+    "LAYERS=0-3`touch {probe}`",
+    "K=32$$(touch {probe})",
+    "K=32$(shell touch {probe})",
+    "MODEL=topk;touch {probe}",
+    "COMPRESSOR=none;touch {probe};#",
+    "PARETO_MODELS=topk,$(shell touch {probe})",
+    "PARETO_K=8;touch {probe}",
+    "EPOCHS=1$(touch {probe})",
+    "LR=1e-3;touch {probe}",
+    "LM=tiny-llama;touch {probe}",
+    "DATA=bbc`touch {probe}`",
+    "DATA_DIR=d;touch {probe}",
+    "CKPT=x;touch {probe}",
+    "OUT=x|touch {probe}",
+    "NND=true;touch {probe};",
+    "PYTHON=python3;touch {probe};",
+    "KIND=../../x$(touch {probe})",
+    "WANDB=offline&&touch {probe}",
+    "TOKENS=1 $(shell touch {probe})",
+    "LM=a\ntouch {probe}",
+]
+INVOCATIONS = [["help"], ["-n", "help"], ["-n", "harvest"], ["-q", "pareto"], ["-n", "train"], ["evaluate"],
+               ["clean-data"], ["-n", "demo"]]
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_an_injected_value_runs_no_command_and_writes_nothing(tmp_path, injection):
+    probe = tmp_path / "probe"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "keep").write_text("")
+    before = {p.name for p in REPO.iterdir()}
+    name = injection.split("=", 1)[0]
+    value = injection.format(probe=probe)
+    for invocation in INVOCATIONS:
+        args = [*invocation, value] + ([f"DATA_DIR={data_dir}"] if name != "DATA_DIR" else [])
+        proc = run_make(REPO, *args)
+        assert proc.returncode != 0, (args, proc.stdout)
+        assert f"{name}=" in proc.stderr and "not allowed" in proc.stderr, (args, proc.stderr)
+        assert not probe.exists(), args
+    assert snapshot(data_dir) == {"keep"}
+    assert {p.name for p in REPO.iterdir()} <= before | {".pytest_cache"}
+
+
+def test_the_teams_probe(tmp_path):
+    probe = tmp_path / "probe"
+    proc = run_make(REPO, "-n", "help", f"K=32$$(touch {probe})")
+    assert proc.returncode == 2 and "K='32$$(touch" in proc.stderr and not probe.exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("KIND=../../x", "KIND='../../x' is not allowed"),
+    ("MODEL=nosuch", "unknown nosuch"),
+    ("PARETO_MODELS=topk,bogus", "unknown bogus"),
+    ("LAYERS=3-1", "LAYERS='3-1' is malformed"),
+    ("K=0", "positive integers"),
+    ("LM=../x", "LM='../x'"),
+    ("DATA_DIR=/", "filesystem root"),
+    ("DATA_DIR=", "DATA_DIR is empty"),
+    ("LM=a b", "LM='a b' is not allowed"),
+])
+def test_a_bad_value_stops_make_before_any_rule(tmp_path, value, message):
+    data_dir = tmp_path / "data"
+    before = {p.name for p in REPO.iterdir()}
+    goal = "train" if value.startswith(("MODEL", "K=", "KIND")) else "pareto"
+    for flags in ([], ["-n"], ["-q"]):
+        args = [*flags, goal, value] + ([f"DATA_DIR={data_dir}"] if not value.startswith("DATA_DIR") else [])
+        proc = run_make(REPO, *args, "LM=tiny-llama" if not value.startswith("LM") else "CTX=32")
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+    assert not data_dir.exists() and not Path("/stamps").exists()
+    assert {p.name for p in REPO.iterdir()} <= before | {".pytest_cache"}
+
+
+def test_parsing_previewing_and_querying_write_nothing(tmp_path):
+    data_dir = tmp_path / "data"  # does not exist: any write would create it
+    common = [f"DATA_DIR={data_dir}", "LM=tiny-llama", "CTX=32", f"INSTALLED={tmp_path / 'installed'}"]
+    for args in (["help"], ["-n", "harvest"], ["-q", "harvest"], ["-n", "train", "MODEL=clt", "LAYERS=0,2,3"],
+                 ["-q", "train"], ["-n", "pareto"], ["-q", "pareto"], ["-n", "report"], ["-n", "clean-data"],
+                 ["-n", "verify"], ["-n", "export", "CKPT=x"], ["-n", "evaluate", "CKPT=x"]):
+        proc = run_make(REPO, *args, *common)
+        assert proc.returncode in (0, 1), (args, proc.stderr)
+        assert not data_dir.exists(), args
+    preview = run_make(REPO, "-n", "train", "MODEL=clt", "K=8", "LAYERS=0,2,5", *common).stdout
+    assert "train --model clt --k 8 --kind transcoder --layers 0,2,5" in preview
+    assert "/clt/clt-batchtopk-k8-L0_2_5/done" in preview  # the path nnd train writes (issue 9)
+    verify = run_make(REPO, "-n", "verify", *common).stdout
+    assert f"verify --lm tiny-llama --data bbc --ctx 32 --data-dir {data_dir}" in verify
+    export = run_make(REPO, "-n", "export", "CKPT=a/clt-x", *common).stdout
+    assert "export --format circuit-tracer --ckpt 'a/clt-x' --out 'a/clt-x.circuit-tracer'" in export
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """The Makefile and the stdlib modules it runs, in a scratch repository (clean-data is tested here)."""
+    root = tmp_path / "repo"
+    (root / "pipeline" / "core").mkdir(parents=True)
+    shutil.copy(REPO / "Makefile", root / "Makefile")
+    shutil.copy(REPO / "pipeline" / "__init__.py", root / "pipeline")
+    for name in ("__init__", "paths", "defaults", "layers", "errors"):
+        shutil.copy(REPO / "pipeline" / "core" / f"{name}.py", root / "pipeline" / "core")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "README.md").write_text("readme\n")
+    return root
+
+
+def test_clean_data_refuses_a_folder_that_is_not_a_data_folder(repo_copy, tmp_path):
+    before = snapshot(repo_copy)
+    gitty = tmp_path / "project"
+    (gitty / ".git").mkdir(parents=True)
+    for value in ("DATA_DIR=", "DATA_DIR=.", f"DATA_DIR={repo_copy}", "DATA_DIR=/", f"DATA_DIR={gitty}",
+                  "DATA_DIR=pipeline/..", "DATA_DIR=~"):
+        proc = run_make(repo_copy, "clean-data", value)
+        assert proc.returncode != 0, (value, proc.stdout)
+        assert snapshot(repo_copy) == before, value
+    assert (gitty / ".git").is_dir()
+
+
+def test_clean_data_deletes_only_what_the_pipeline_wrote(repo_copy, tmp_path):
+    models = tmp_path / "models_cache"
+    (models / "tiny").mkdir(parents=True)
+    data = repo_copy / "data"
+    for entry in ("harvest/x/y.zarr", "train/a/b", "eval/c", "stamps/harvest", "reports/r"):
+        (data / entry).mkdir(parents=True)
+        (data / entry / "f").write_text("")
+    (data / "models").symlink_to(models, target_is_directory=True)
+    (data / "README.md").write_text("")
+    (data / "notes.txt").write_text("mine")
+    (data / "mine").mkdir()
+    proc = run_make(repo_copy, "clean-data", "DATA_DIR=data")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["README.md", "mine", "notes.txt"]
+    assert (models / "tiny").is_dir()  # a linked model cache is unlinked, not emptied
+
+
+def test_paths_names_every_checkpoint_as_the_registry_does(tmp_path):
+    """The Makefile gets checkpoint paths from paths.py (stdlib only), the train stage from the
+    method specs: they must agree for every MODEL name, per-layer and CLT, contiguous or not."""
+    from pipeline.methods import REGISTRY
+    from pipeline.methods.base import TrainRequest
+
+    class Store:
+        d_model = 8
+        manifest = {"lm": "tiny-llama"}
+
+    assert set(paths.MODELS) == set(REGISTRY.models())
+    for model, spec in REGISTRY.models().items():
+        for layers in ([0, 1, 2, 3], [0, 2, 5], [1]):
+            kinds = ("transcoder", "sae") if spec.name == "transcoder" else ("transcoder",)
+            for kind in kinds:
+                request = TrainRequest(store=Store(), models=(model,), ks=(4, 16), layers=tuple(layers), n_latents=64,
+                                       seed=0, kind=kind, out=lambda group, name: tmp_path / group / name)
+                written = [job.out_dir.relative_to(tmp_path) for job in spec.jobs(request)]
+                named = [Path(g) / n for k in (4, 16) for g, n in paths.checkpoint_names(model, k, layers, kind)]
+                assert sorted(written) == sorted(named), (model, layers, kind)
+
+
+def test_the_defaults_module_runs_without_the_venv():
+    """`python3 -m pipeline.core.defaults` / `paths` must work before .venv exists: standard library only."""
+    code = ("import sys, pipeline.core.defaults, pipeline.core.paths; "
+            "bad = [m for m in ('torch', 'numpy', 'typer', 'zarr') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
