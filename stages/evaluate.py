@@ -7,10 +7,11 @@ from typing import List, Optional
 
 import typer
 
+from pipeline.core import defaults
 from pipeline.core.errors import UserError
 from stages.common import parse_ints, stage
 
-DEFAULT_EVAL_TOKENS = 4096
+DEFAULT_EVAL_TOKENS = defaults.EVAL_TOKENS
 EVAL_DIR_HELP = ("folder of this eval set: cached reference, one folder per method, report "
                  "(default: <data-dir>/eval/<lm>/<data>/ctx<ctx>-t<eval-tokens>)")
 
@@ -42,7 +43,7 @@ def evaluate(
     eval_tokens: int = typer.Option(DEFAULT_EVAL_TOKENS, help="held-out tokens, rounded up to whole windows"),
     modes: str = typer.Option("single_layer,all_layers", help="single_layer and/or all_layers"),
     dtype: str = typer.Option("float32", help="float32, or bfloat16 (~3x faster, ΔCE noise ~0.005 nats)"),
-    data_dir: Path = typer.Option(Path("data"), help="root of all stage outputs"),
+    data_dir: Path = typer.Option(Path(defaults.DATA_DIR), help="root of all stage outputs"),
     eval_dir: Optional[Path] = typer.Option(None, help=EVAL_DIR_HELP),
     out: Optional[Path] = typer.Option(None, help="metrics.json path (default: <eval dir>/<method name>/metrics.json)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -73,15 +74,15 @@ def evaluate(
 
 @stage
 def baselines(
-    lm: str = typer.Option("smollm2-135m", help="target model"),
-    data: str = typer.Option("bbc", help="corpus whose eval split is used (mean-ablation reads its training store)"),
-    ctx: int = typer.Option(128, help="context length"),
-    layers: str = typer.Option("0-3", help="layers, e.g. 0-3"),
-    k: str = typer.Option("8,16,32,64", help="neuron-baseline sweep: hidden units kept per token"),
+    lm: str = typer.Option(defaults.LM, help="target model"),
+    data: str = typer.Option(defaults.DATA, help="corpus whose eval split is used (mean-ablation reads its training store)"),
+    ctx: int = typer.Option(defaults.CTX, help="context length"),
+    layers: str = typer.Option(defaults.LAYERS, help="layers, e.g. 0-3"),
+    k: str = typer.Option(defaults.PARETO_K, help="neuron-baseline sweep: hidden units kept per token"),
     eval_tokens: int = typer.Option(DEFAULT_EVAL_TOKENS, help="held-out tokens, rounded up to whole windows"),
     modes: str = typer.Option("single_layer,all_layers", help="single_layer and/or all_layers"),
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
-    data_dir: Path = typer.Option(Path("data"), help="root of all stage outputs"),
+    data_dir: Path = typer.Option(Path(defaults.DATA_DIR), help="root of all stage outputs"),
     eval_dir: Optional[Path] = typer.Option(None, help=EVAL_DIR_HELP),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ):
@@ -106,12 +107,12 @@ def baselines(
 
 @stage
 def report(
-    lm: str = typer.Option("smollm2-135m", help="target model"),
-    data: str = typer.Option("bbc", help="corpus of the evaluation"),
-    ctx: int = typer.Option(128, help="context length"),
+    lm: str = typer.Option(defaults.LM, help="target model"),
+    data: str = typer.Option(defaults.DATA, help="corpus of the evaluation"),
+    ctx: int = typer.Option(defaults.CTX, help="context length"),
     eval_tokens: int = typer.Option(DEFAULT_EVAL_TOKENS, help="the EVAL_TOKENS of the evaluations to compare"),
     dtype: str = typer.Option("float32", help="float32 or bfloat16"),
-    data_dir: Path = typer.Option(Path("data"), help="root of all stage outputs"),
+    data_dir: Path = typer.Option(Path(defaults.DATA_DIR), help="root of all stage outputs"),
     eval_dir: Optional[Path] = typer.Option(None, help=EVAL_DIR_HELP),
     out_dir: Optional[Path] = typer.Option(None, help="where tables and plots go (default: <eval dir>/report)"),
 ):

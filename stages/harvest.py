@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.core import defaults
 from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
@@ -25,20 +26,20 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 @stage
 def harvest(
-    lm: str = typer.Option("smollm2-135m", help="bundled model name or Hugging Face id"),
-    data: str = typer.Option("bbc", help="bundled corpus, local .txt/.jsonl/.parquet path, or HF dataset id"),
-    layers: str = typer.Option("0-3", help="layers, e.g. 0-3 or 0,2,5-7"),
-    tokens: int = typer.Option(200_000, help="tokens (rows) to store, rounded up to whole sequences"),
-    ctx: int = typer.Option(128, help="context length in tokens, BOS included"),
+    lm: str = typer.Option(defaults.LM, help="bundled model name or Hugging Face id"),
+    data: str = typer.Option(defaults.DATA, help="bundled corpus, local .txt/.jsonl/.parquet path, or HF dataset id"),
+    layers: str = typer.Option(defaults.LAYERS, help="layers, e.g. 0-3 or 0,2,5-7"),
+    tokens: int = typer.Option(defaults.TOKENS, help="tokens (rows) to store, rounded up to whole sequences"),
+    ctx: int = typer.Option(defaults.CTX, help="context length in tokens, BOS included"),
     split: str = typer.Option("train", help="train or eval"),
-    dtype: str = typer.Option("float16", help="float16 or float32"),
-    compressor: str = typer.Option("none", help="none or zstd"),
-    data_dir: Path = typer.Option(Path("data"), help="root of all stage outputs"),
+    dtype: str = typer.Option(defaults.DTYPE, help="float16 or float32"),
+    compressor: str = typer.Option(defaults.COMPRESSOR, help="none or zstd"),
+    data_dir: Path = typer.Option(Path(defaults.DATA_DIR), help="root of all stage outputs"),
     store: str = typer.Option(None, help="store location (path or fsspec URL) instead of the default under DATA_DIR"),
-    shards: int = typer.Option(1, help="run this many local processes, each writing a disjoint part"),
+    shards: int = typer.Option(defaults.SHARDS, help="run this many local processes, each writing a disjoint part"),
     shard: str = typer.Option(None, help="run only shard I of N (I/N), e.g. one per machine on a shared filesystem"),
     text_field: str = typer.Option("text", help="text column of jsonl/parquet/HF data"),
-    chunk_rows: int = typer.Option(8192, help="rows per chunk, rounded down to whole sequences"),
+    chunk_rows: int = typer.Option(defaults.CHUNK_ROWS, help="rows per chunk, rounded down to whole sequences"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     repair: bool = typer.Option(False, help="recompute exactly the chunks `nnd verify` finds damaged (settings from the store)"),
 ):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.core import defaults
 from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
@@ -29,21 +30,21 @@ from stages.common import parse_ints, stage
 
 @stage
 def train(
-    model: str = typer.Option("topk", help=f"method(s), comma list: {', '.join(REGISTRY.models())}"),
-    k: str = typer.Option("32", help="k (topk/batchtopk) or target L0 (vanilla/jumprelu); comma list = sweep"),
-    kind: str = typer.Option("transcoder", help="transcoder (mlp_in -> mlp_out) or sae (mlp_out -> mlp_out)"),
-    layers: str = typer.Option("0-3", help="layers, e.g. 0-3 or 0,2"),
-    latents: int = typer.Option(0, help="dictionary width; 0 = 8 x d_model"),
-    tokens: int = typer.Option(0, help="store rows used per epoch; 0 = the whole store"),
-    epochs: float = typer.Option(4.0, help="passes over those rows (more than 1 reuses data, with a warning)"),
-    lr: float = typer.Option(None, help="learning rate; default 1e-3 / sqrt(latents / 2^14)"),
-    lm: str = typer.Option("smollm2-135m", help="model the store was harvested from"),
-    data: str = typer.Option("bbc", help="corpus of the store"),
-    ctx: int = typer.Option(128, help="context length of the store"),
-    wandb: str = typer.Option(os.environ.get("WANDB_MODE", "offline"), help="offline | online | disabled"),
-    seed: int = typer.Option(0, help="seed for init and data order"),
-    data_dir: Path = typer.Option(Path("data"), help="root of all stage outputs"),
-    batch_size: int = typer.Option(4096, help="rows per optimiser step"),
+    model: str = typer.Option(defaults.MODEL, help=f"method(s), comma list: {', '.join(REGISTRY.models())}"),
+    k: str = typer.Option(defaults.K, help="k (topk/batchtopk) or target L0 (vanilla/jumprelu); comma list = sweep"),
+    kind: str = typer.Option(defaults.KIND, help="transcoder (mlp_in -> mlp_out) or sae (mlp_out -> mlp_out)"),
+    layers: str = typer.Option(defaults.LAYERS, help="layers, e.g. 0-3 or 0,2"),
+    latents: int = typer.Option(defaults.LATENTS, help="dictionary width; 0 = 8 x d_model"),
+    tokens: int = typer.Option(defaults.TRAIN_TOKENS, help="store rows used per epoch; 0 = the whole store"),
+    epochs: float = typer.Option(defaults.EPOCHS, help="passes over those rows (more than 1 reuses data, with a warning)"),
+    lr: float = typer.Option(defaults.LR, help="learning rate; default 1e-3 / sqrt(latents / 2^14)"),
+    lm: str = typer.Option(defaults.LM, help="model the store was harvested from"),
+    data: str = typer.Option(defaults.DATA, help="corpus of the store"),
+    ctx: int = typer.Option(defaults.CTX, help="context length of the store"),
+    wandb: str = typer.Option(os.environ.get("WANDB_MODE", defaults.WANDB), help="offline | online | disabled"),
+    seed: int = typer.Option(defaults.SEED, help="seed for init and data order"),
+    data_dir: Path = typer.Option(Path(defaults.DATA_DIR), help="root of all stage outputs"),
+    batch_size: int = typer.Option(defaults.BATCH_SIZE, help="rows per optimiser step"),
     lr_schedule: str = typer.Option("cosine", help="cosine or constant (after warm-up)"),
     checkpoint_every: float = typer.Option(300.0, help="seconds between resumable partial checkpoints"),
     checkpoint_every_steps: int = typer.Option(0, help="also save every this many steps (0: off)"),
