@@ -61,11 +61,11 @@ def lm(cfg):
     return load_model(cfg)
 
 
-def save_checkpoints(lm, folder: Path, modules: dict, origin: dict | None = None) -> Path:
+def save_checkpoints(lm, folder: Path, modules: dict, origin: dict | None = None, meta: dict | None = None) -> Path:
     origin = origin or {"lm": "tiny-llama", "lm_weights_sha256": lm.weights_sha256, "data": "bbc", "split": "train",
                         "ctx": CTX}
     for layer, module in modules.items():
-        checkpoint.save(module, folder / f"L{layer}", {"store_manifest": origin, "train_hash": f"h{layer}"})
+        checkpoint.save(module, folder / f"L{layer}", {"store_manifest": origin, "train_hash": f"h{layer}", **(meta or {})})
     return folder
 
 
@@ -220,3 +220,68 @@ def test_clt_checkpoint_is_evaluated_with_cross_layer_accounting(lm, cfg, tmp_pa
     assert s["active_params"] == pytest.approx(sum(v * (D + (3 - i) * D) for i, v in enumerate(l0)))
     assert s["mean_l0"] == pytest.approx(sum(l0) / 3)
     assert s["delta_ce"] != 0 and s["ce_recovered_zero"] is not None
+
+
+def test_round_robin_takes_one_window_per_document_per_round():
+    from pipeline.eval.config import round_robin
+
+    #          doc of each window in stream order: doc 0 has 3 windows, doc 1 one, doc 3 two
+    order = round_robin([0, 0, 0, 1, 3, 3])
+    assert order.tolist() == [0, 3, 4, 1, 5, 2]
+
+
+def test_eval_windows_are_drawn_across_documents(lm, cfg):
+    from pipeline.data.harvest import token_table
+    from pipeline.eval.config import eval_tokens
+
+    table = token_table(lm, "bbc", "eval", CTX, None)
+    many = EvalConfig(lm="tiny-llama", data="bbc", ctx=CTX, eval_tokens=20 * (CTX - 1), data_dir=cfg.data_dir)
+    tokens = eval_tokens(lm, many).numpy()
+    window_of = {row.tobytes(): i for i, row in enumerate(table.ids.astype("int64"))}
+    docs = [int(table.doc[window_of[row.tobytes()], 1]) for row in tokens]
+    assert len(set(docs)) == 20  # 20 windows, 20 documents (packed, the first 20 windows span far fewer)
+    assert len(set(table.doc[:20, 1].tolist())) < 20
+    assert torch.equal(eval_tokens(lm, cfg), torch.from_numpy(tokens[: cfg.n_seq]))  # a smaller set is a prefix
+
+
+def test_kl_is_exact_at_large_kl_and_zero_for_an_unchanged_splice():
+    from pipeline.eval.stats import kl_sum
+
+    g = torch.Generator().manual_seed(0)
+    clean = F.log_softmax(torch.randn(300, 49152, generator=g) * 6, dim=-1)
+    other = F.log_softmax(torch.randn(300, 49152, generator=g) * 6, dim=-1)
+    exact = float((clean.double().exp() * (clean.double() - other.double())).sum())
+    assert exact / 300 > 10  # large KL
+    assert kl_sum(clean, other) == pytest.approx(exact, rel=1e-9, abs=1e-9)
+    assert kl_sum(clean, clean) == 0.0
+
+
+def test_delta_ce_standard_error_is_over_windows():
+    from pipeline.eval.stats import CleanBatch, JobStats
+
+    g = torch.Generator().manual_seed(1)
+    vocab, windows, per = 11, 6, 5
+    logp = F.log_softmax(torch.randn(windows * per, vocab, generator=g), dim=-1)
+    clean_logp = F.log_softmax(torch.randn(windows * per, vocab, generator=g), dim=-1)
+    targets = torch.randint(vocab, (windows * per,), generator=g)
+    stats = JobStats({})
+    for half in (slice(0, 3 * per), slice(3 * per, None)):  # two batches of three windows
+        clean = CleanBatch(targets[half], -clean_logp[half].gather(1, targets[half, None]).squeeze(1), clean_logp[half], 3)
+        stats.add_predictions(logp[half], clean)
+    delta = (clean_logp - logp).gather(1, targets[:, None]).squeeze(1).double().reshape(windows, per).mean(1)
+    r = stats.result()
+    assert r["delta_ce"] == pytest.approx(float(delta.mean())) and r["predictions"] == windows * per
+    assert r["delta_ce_se"] == pytest.approx(float(delta.std()) / windows**0.5)
+
+
+def test_an_empty_eval_split_is_one_clear_line(lm, cfg, tmp_path):
+    from pipeline.data.corpora import split_of
+    from pipeline.eval.config import eval_tokens
+
+    texts = [t for t in (f"text number {i} " * 40 for i in range(40)) if split_of(t) == "train"][:3]
+    (tmp_path / "train_only.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    bad = EvalConfig(lm="tiny-llama", data=str(tmp_path / "train_only.jsonl"), ctx=CTX, eval_tokens=62,
+                     data_dir=cfg.data_dir)
+    with pytest.raises(UserError, match="the eval split of DATA=.* is empty: 5% of a corpus's documents") as err:
+        eval_tokens(lm, bad)
+    assert "\n" not in str(err.value)

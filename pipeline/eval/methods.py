@@ -45,7 +45,8 @@ def neuron_method(lm, k: int, layers: Sequence[int]) -> EvalMethod:
     layers = tuple(sorted(layers))
     return EvalMethod(f"neurons-k{k}-L{layers_label(layers)}", "neurons", "neurons", NeuronSplice(k, layers), layers, k=k,
                       n_latents={l: lm.d_mlp for l in layers}, params=sum(mlp_parameters(lm, l) for l in layers),
-                      spec=REGISTRY.get("neurons"), weights_per_unit=weights_per_hidden_unit(lm, layers[0]))
+                      spec=REGISTRY.get("neurons"), weights_per_unit=weights_per_hidden_unit(lm, layers[0]),
+                      info={"method": "neurons"})
 
 
 def zero_method(lm, layers: Sequence[int]) -> EvalMethod:
@@ -115,7 +116,8 @@ def _method(lm, loaded: list[checkpoint.Checkpoint]) -> EvalMethod:
                       spec=spec, info={"variant": about["variant"], "kind": about["kind"], "method": spec.name,
                                        "checkpoints": [str(c.path) for c in loaded],
                                        "train": [c.train_facts for c in loaded],
-                                       "train_dead_fraction": _dead_fraction(loaded)})
+                                       "train_dead_fraction": _dead_fraction(loaded),
+                                       "train_dead_window_tokens": _dead_window(loaded)})
 
 
 def _dead_fraction(loaded: list[checkpoint.Checkpoint]) -> float | None:
@@ -124,6 +126,12 @@ def _dead_fraction(loaded: list[checkpoint.Checkpoint]) -> float | None:
     if any(f is None for f, _ in found):
         return None
     return sum(f * n for f, n in found) / sum(n for _, n in found)
+
+
+def _dead_window(loaded: list[checkpoint.Checkpoint]) -> int | None:
+    """The trailing training window (tokens) over which dead latents were counted; the largest if they differ."""
+    windows = [c.metadata.get("dead_window_tokens") for c in loaded]
+    return None if any(w is None for w in windows) else max(windows)
 
 
 def _check(lm, ckpt: checkpoint.Checkpoint) -> None:

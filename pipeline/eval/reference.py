@@ -27,7 +27,7 @@ from pipeline.eval.config import EVAL_BATCH, EvalConfig, eval_tokens
 from pipeline.eval.splice import final_hidden, logits, rows_of, splice_hook_name
 from pipeline.methods.losses import MASSIVE_FACTOR
 
-REFERENCE_VERSION = 2
+REFERENCE_VERSION = 3  # 3: content-deduplicated split, windows round-robin over documents
 
 
 def batches(tokens: Tensor) -> Iterator[Tensor]:
@@ -74,7 +74,8 @@ def reference(lm, cfg: EvalConfig, progress: bool = False) -> Reference:
 
     folder = paths.reference_dir(cfg.out_dir)
     identity = {"version": REFERENCE_VERSION, "lm": cfg.lm, "lm_weights_sha256": lm.weights_sha256,
-                "data": cfg.data, "ctx": cfg.ctx, "rows": cfg.rows, "dtype": cfg.dtype, "batch": EVAL_BATCH}
+                "data": cfg.data, "ctx": cfg.ctx, "rows": cfg.rows, "dtype": cfg.dtype, "batch": EVAL_BATCH,
+                "selection": "round-robin over documents"}
     with exclusive_lock(folder / "lock"):
         info_path, tensors_path = folder / "reference.json", folder / "clean.safetensors"
         if info_path.exists() and tensors_path.exists():

@@ -5,8 +5,9 @@ in two modes: ``single_layer`` (one job per layer, the others clean) and
 ``all_layers`` (one job, every layer replaced at once). A job runs the eval
 tokens through the live model with the method's hooks and measures:
 
-- CE of the next-token predictions, ΔCE against the clean model (with its
-  standard error over predictions, paired), KL(clean || spliced), and CE
+- CE of the next-token predictions, ΔCE against the clean model (paired,
+  with its standard error over eval windows: predictions within a window
+  are correlated), KL(clean || spliced, summed stably in float64), and CE
   recovered against zero- and mean-ablation of the same layers:
   100 (CE_abl - CE) / (CE_abl - CE_clean) (single-layer summaries use the
   CEs averaged over layers, so a cheap-to-ablate layer cannot dominate);
@@ -16,8 +17,10 @@ tokens through the live model with the method's hooks and measures:
   dead latents, dense latents (firing on >1% / >10% of rows) and the mean
   activation of active latents.
 
-Which tokens: ``EVAL_TOKENS`` rows of the eval split (documents that never
-enter a training store), packed exactly as the harvest packs them. A row is
+Which tokens: ``EVAL_TOKENS`` rows of the eval split (documents whose text,
+or a near-duplicate of it, never enters a training store), packed exactly as
+the harvest packs them, windows drawn round-robin over the split's documents
+(``pipeline.eval.config.eval_tokens``). A row is
 a position 1..ctx-1 of a window (BOS at 0 is never replaced, as in the
 stores); CE and KL are over the predictions made at positions 1..ctx-2.
 
