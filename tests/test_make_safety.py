@@ -186,3 +186,18 @@ def test_the_defaults_module_runs_without_the_venv():
     code = ("import sys, pipeline.core.defaults, pipeline.core.paths; "
             "bad = [m for m in ('torch', 'numpy', 'typer', 'zarr') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_a_local_corpus_gets_the_store_name_python_gives_it(tmp_path):
+    """DATA=<absolute path>: Make's paths are paths.py's (local-<name>-<hash>), not a Make re-derivation."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n")
+    data_dir = tmp_path / "data"
+    key = paths.data_key(str(corpus))
+    assert key.startswith("local-corpus.txt-") or key.startswith("local-corpus")
+    preview = run_make(REPO, "-n", "train", f"DATA={corpus}", "LM=tiny-llama", "CTX=32", "LAYERS=0,2", "MODEL=topk,clt",
+                       "K=4", f"DATA_DIR={data_dir}").stdout
+    assert f"{data_dir}/train/tiny-llama/{key}/ctx32/transcoder/topk-k4-L2/done" in preview
+    assert f"{data_dir}/train/tiny-llama/{key}/ctx32/clt/clt-batchtopk-k4-L0_2/done" in preview
+    assert f"{data_dir}/stamps/harvest/tiny-llama/{key}/ctx32.done" in preview
+    assert not data_dir.exists()
