@@ -285,3 +285,14 @@ def test_an_empty_eval_split_is_one_clear_line(lm, cfg, tmp_path):
     with pytest.raises(UserError, match="the eval split of DATA=.* is empty: 5% of a corpus's documents") as err:
         eval_tokens(lm, bad)
     assert "\n" not in str(err.value)
+
+
+def test_a_one_document_corpus_is_evaluated_on_its_last_five_percent(lm, cfg, tmp_path):
+    from pipeline.eval.config import eval_tokens
+
+    path = tmp_path / "one.txt"
+    path.write_text("\n".join(f"line {i} of the only document there is" for i in range(200)))
+    one = EvalConfig(lm="tiny-llama", data=str(path), ctx=CTX, eval_tokens=62, data_dir=cfg.data_dir)
+    tokens = eval_tokens(lm, one)
+    text = lm.tokenizer.decode(tokens[0, 1:].tolist())
+    assert tokens.shape == (2, CTX) and text.startswith("line 19")  # lines 190..199 are held out
