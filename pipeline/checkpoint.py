@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,7 +40,7 @@ def read_config(path: Path) -> dict:
         config = json.loads((Path(path) / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}/{CONFIG} is unreadable ({e.__class__.__name__}); delete {path} and train it again") from None
-    if not isinstance(config, dict):
+    if not isinstance(config, dict) or not isinstance(config.get("metadata", {}), dict):
         raise UserError(f"{path}/{CONFIG} is not a checkpoint config; delete {path} and train it again")
     return config
 
@@ -93,7 +92,9 @@ def load(path: str | Path, device: str = "cpu") -> Checkpoint:
     try:
         module = spec.build(config)
         module.load_state_dict(load_file(path / WEIGHTS, device=device))
-    except (TypeError, KeyError, ValueError, RuntimeError, OSError, SafetensorError) as e:
+    except UserError:
+        raise
+    except Exception as e:  # any failure to build or fill the module from these files means damage
         raise UserError(f"checkpoint {path} is damaged or from another version ({e.__class__.__name__}); "
                         f"delete it and train it again") from None
     return Checkpoint(path, config, module.to(device).eval(), spec)

@@ -192,6 +192,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
     run_id = canonical_hash({"identity": identity, "layers": layers, "n_rows": n_rows})
     summary = HarvestSummary(cfg.location, n_rows)
     torch_dtype = getattr(torch, cfg.dtype)
+    if not repair:  # refuse another model or a changed corpus before taking any lock (checked again under it)
+        writer.check(table.rows())
     with writer_lock(root, run_id, cfg.shard, cfg.n_shards):
         with meta_lock(root):
             rewrite_rows = _forget_damaged(cfg.location) if repair else False

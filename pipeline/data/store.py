@@ -230,19 +230,7 @@ class StoreWriter:
         if not self.root.exists("zarr.json"):
             self._create_store()
         group = self.root.group("r+")
-        manifest = dict(group.attrs.get("manifest", {}))
-        if not manifest:
-            raise UserError(f"{self.root.location} exists but is not a harvest store; move it away or choose another DATA_DIR")
-        clash = {k: (manifest.get(k), self.identity[k]) for k in IDENTITY_FIELDS if manifest.get(k) != self.identity[k]}
-        if clash:
-            field, (have, want) = next(iter(clash.items()))
-            raise UserError(
-                f"store {self.root.location} was written with {field}={have!r}, not {want!r}; "
-                f"it belongs to another model or corpus: remove it or use another DATA_DIR"
-            )
-        if row_data is not None:
-            integrity.check_same_rows(self.root.location, manifest, row_data,
-                                      lambda: tuple(group[n][:] for n in integrity.ROW_ARRAYS))
+        manifest = self._check_same(group, row_data)
         old_rows = int(manifest["n_rows"])
         if rewrite_rows and old_rows:
             self._rewrite_rows(group, old_rows, row_data)
@@ -257,6 +245,27 @@ class StoreWriter:
         manifest["config_hash"] = canonical_hash({k: manifest[k] for k in IDENTITY_FIELDS} | {"n_rows": manifest["n_rows"]})
         group.attrs["manifest"] = manifest
         self.group, self.manifest = group, manifest
+
+    def check(self, row_data) -> None:
+        """Before any write (or lock): an existing store must hold this model, corpus and rows."""
+        if self.root.exists("zarr.json") and not half_created(self.root):
+            self._check_same(self.root.group("r"), row_data)
+
+    def _check_same(self, group: zarr.Group, row_data) -> dict:
+        manifest = dict(group.attrs.get("manifest", {}))
+        if not manifest:
+            raise UserError(f"{self.root.location} exists but is not a harvest store; move it away or choose another DATA_DIR")
+        clash = {k: (manifest.get(k), self.identity[k]) for k in IDENTITY_FIELDS if manifest.get(k) != self.identity[k]}
+        if clash:
+            field, (have, want) = next(iter(clash.items()))
+            raise UserError(
+                f"store {self.root.location} was written with {field}={have!r}, not {want!r}; "
+                f"it belongs to another model or corpus: remove it or use another DATA_DIR"
+            )
+        if row_data is not None:
+            integrity.check_same_rows(self.root.location, manifest, row_data,
+                                      lambda: tuple(group[n][:] for n in integrity.ROW_ARRAYS))
+        return manifest
 
     def _create_store(self) -> None:
         """An empty store with its manifest, appearing under its name only once complete."""

@@ -8,10 +8,13 @@ trains only the new checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
 from pipeline import checkpoint
+from pipeline.core.errors import UserError
+from pipeline.core.io import check_writable, exclusive_locks
 from pipeline.core.hashing import canonical_hash
 from pipeline.data.loader import ActivationLoader
 from pipeline.methods import REGISTRY
@@ -38,10 +41,34 @@ def train_hash(job: TrainJob, cfg: TrainConfig, store_content_hash: str) -> str:
 
 
 def is_current(job: TrainJob, cfg: TrainConfig, store_content_hash: str) -> bool:
-    """A finished checkpoint exists for exactly this training request."""
+    """A finished checkpoint exists for exactly this training request (a damaged one is not: it is retrained)."""
     if not checkpoint.is_done(job.out_dir):
         return False
-    return checkpoint.read_config(job.out_dir).get("metadata", {}).get("train_hash") == train_hash(job, cfg, store_content_hash)
+    try:
+        metadata = checkpoint.read_config(job.out_dir).get("metadata", {})
+    except UserError:
+        warnings.warn(f"{job.out_dir}/{checkpoint.CONFIG} is damaged; training that checkpoint again", stacklevel=2)
+        return False
+    return isinstance(metadata, dict) and metadata.get("train_hash") == train_hash(job, cfg, store_content_hash)
+
+
+def lock_path(job: TrainJob) -> Path:
+    """The lock of one checkpoint: a hidden sibling file, so the folder itself can be swapped whole."""
+    return job.out_dir.parent / f".{job.out_dir.name}.lock"
+
+
+def bytes_needed(jobs: list[TrainJob]) -> int:
+    """Free space a run needs: per job its weights, two partial states (module + Adam's two
+    moments) and one more being written, with a margin for configs and curves."""
+    per_param = 4 * (1 + 3 * 3)
+    return sum(per_param * sum(t.numel() for t in j.module.state_dict().values()) + (1 << 20) for j in jobs)
+
+
+def check_outputs(jobs: list[TrainJob]) -> None:
+    """Fail before any work when a checkpoint folder cannot be written or the disk lacks room."""
+    for parent in sorted({j.out_dir.parent for j in jobs}):
+        here = [j for j in jobs if j.out_dir.parent == parent]
+        check_writable(parent, bytes_needed(here), what=f"{len(here)} checkpoint{'s' if len(here) > 1 else ''}")
 
 
 def save_checkpoint(job: TrainJob, metadata: dict, history: list[dict]) -> None:
@@ -52,10 +79,18 @@ def save_checkpoint(job: TrainJob, metadata: dict, history: list[dict]) -> None:
 
 def train_jobs(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: TrainConfig,
                log_dir: Path | None = None, save=save_checkpoint) -> list[TrainJob]:
-    """Train the jobs that are missing or stale, resuming partial ones; returns those trained."""
+    """Train the jobs that are missing or stale, resuming partial ones; returns those trained.
+
+    Each checkpoint being trained is locked: a second train of the same checkpoint
+    is refused, naming the process (pid, host) that holds it."""
     content_hash = make_loader().store.content_hash
     todo = [j for j in jobs if not is_current(j, cfg, content_hash)]
+    if not todo:
+        return todo
+    check_outputs(todo)
     hashes = {j.name: train_hash(j, cfg, content_hash) for j in todo}
-    for start, group in plan_groups(todo, hashes):
-        fit(group, make_loader, cfg, save, {j.name: hashes[j.name] for j in group}, start_step=start, log_dir=log_dir)
+    by_path = {lock_path(j): j for j in todo}
+    with exclusive_locks(list(by_path), lambda p: f"checkpoint {by_path[p].out_dir}"):
+        for start, group in plan_groups(todo, hashes):
+            fit(group, make_loader, cfg, save, {j.name: hashes[j.name] for j in group}, start_step=start, log_dir=log_dir)
     return todo

@@ -28,6 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from pipeline.core.errors import Interrupted, UserError
+from pipeline.core.io import write_error
 from pipeline.core.progress import progress_bar
 from pipeline.data.loader import ActivationLoader
 from pipeline.methods.base import StepOutput, TrainJob, as_keys, select
@@ -65,6 +66,15 @@ class _Run:
         self.step = start_step
 
     def save_partials(self, loader: ActivationLoader) -> None:
+        with _clear_write_errors(f"the partial state at step {self.step}", self):
+            self._save_partials(loader)
+
+    def last_saved_step(self) -> int:
+        """The newest step every job has a partial state for (0: none)."""
+        common = set.intersection(*(set(resume.partial_steps(j, self.hashes[j.name])) for j in self.jobs))
+        return max(common, default=0)
+
+    def _save_partials(self, loader: ActivationLoader) -> None:
         for j in self.jobs:
             folder = j.out_dir / resume.PARTIAL
             folder.mkdir(parents=True, exist_ok=True)
@@ -74,6 +84,22 @@ class _Run:
                               j.module, self.optims[j.name], info)
         for j in self.jobs:  # keep the two newest: a kill mid-way through the loop above leaves a common step
             resume.prune(j, self.hashes[j.name])
+
+
+@contextmanager
+def _clear_write_errors(what: str, run: "_Run") -> Iterator[None]:
+    """A full disk, read-only filesystem or missing permission at save: one clear line; the
+    partial states already saved are left as they are, so the same command resumes."""
+    try:
+        yield
+    except OSError as e:
+        step = run.last_saved_step()
+        after = (f"the partial state of step {step} is intact: free space or fix permissions and run the same command "
+                 f"to resume from it" if step else "nothing was saved: fix it and run the same command again")
+        error = write_error(e, what, after)
+        if error is None:
+            raise
+        raise error from None
 
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
@@ -163,10 +189,12 @@ def fit(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: 
     logger = RunLogger(cfg, "+".join(j.name for j in jobs), log_dir or jobs[0].out_dir.parent,
                        {"train": asdict(cfg), "jobs": {j.name: j.module.config_dict() for j in jobs}}, run.run_id)
     t0 = time.perf_counter()
-    with _interruptible() as interrupted:
-        tokens_done = _loop(run, loader, logger, interrupted)
+    try:
+        with _interruptible() as interrupted:
+            tokens_done = _loop(run, loader, logger, interrupted)
+    finally:
+        logger.close()  # an interrupted run's wandb run is closed too, and resumed under the same id
     elapsed = time.perf_counter() - t0
-    logger.close()
     for j in jobs:
         j.module.eval()
         meta = {**j.metadata, "train_hash": hashes[j.name], "train": cfg.result_fields(), "steps": run.step,
@@ -175,10 +203,11 @@ def fit(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: 
                 "input_key": list(j.input_key), "target_key": list(j.target_key),
                 "final": run.history[j.name][-1] if run.history[j.name] else {},
                 "tokens_per_s_run": tokens_done / elapsed if elapsed > 0 else None,
-                "resumed_from_steps": run.resumed_from, **loader.store.provenance()}
+                "resumed_from_steps": run.resumed_from, "wandb_run_id": run.run_id, **loader.store.provenance()}
         if evaluate is not None:
             meta |= evaluate(j)
-        save(j, meta, run.history[j.name])
+        with _clear_write_errors(f"checkpoint {j.out_dir}", run):
+            save(j, meta, run.history[j.name])
 
 
 def log_points(cfg: TrainConfig) -> set[int]:
