@@ -17,60 +17,68 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 .SUFFIXES:
 
-empty :=
-space := $(empty) $(empty)
-comma := ,
+override empty :=
+override space := $(empty) $(empty)
+override comma := ,
 
 # ---- 1. check every user value before anything else ---------------------------------
-c.digit := 0 1 2 3 4 5 6 7 8 9
-c.alpha := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z
-c.INT     := $(c.digit)
-c.INTS    := $(c.digit) ,
-c.LAYERS  := $(c.digit) , -
-c.FLOAT   := $(c.digit) . e E + -
-c.WORD    := $(c.alpha) $(c.digit) _ -
-c.WORDS   := $(c.WORD) ,
-c.PATH    := $(c.WORD) . / +
-c.COMMAND := $(c.PATH)
-c.CKPTS   := $(c.PATH) *
-spaced    := COMMAND CKPTS
+# (`override`: a command-line variable cannot replace the checks themselves)
+override c.digit := 0 1 2 3 4 5 6 7 8 9
+override c.alpha := a b c d e f g h i j k l m n o p q r s t u v w x y z A B C D E F G H I J K L M N O P Q R S T U V W X Y Z
+override c.INT     := $(c.digit)
+override c.INTS    := $(c.digit) ,
+override c.LAYERS  := $(c.digit) , -
+override c.FLOAT   := $(c.digit) . e E + -
+override c.WORD    := $(c.alpha) $(c.digit) _ -
+override c.WORDS   := $(c.WORD) ,
+override c.PATH    := $(c.WORD) . / +
+override c.COMMAND := $(c.PATH)
+override c.CKPTS   := $(c.PATH) *
+override spaced    := COMMAND CKPTS
 
-tab := $(empty)	$(empty)
-define newline
+override tab := $(empty)	$(empty)
+override define newline
 
 
 endef
 # $(call drop,TEXT,CHARS): TEXT without any of the characters in CHARS (one $(subst) each;
 # the text is never expanded again, so a `$` in it stays a character)
-drop = $(if $(2),$(call drop,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words $(2)),$(2))),$(1))
+override drop = $(if $(2),$(call drop,$(subst $(firstword $(2)),,$(1)),$(wordlist 2,$(words $(2)),$(2))),$(1))
 # tabs and newlines are never allowed, spaces only in the classes that hold commands or lists:
 # they become `!`, which no class allows
-visible = $(subst $(space),$(if $(filter $(2),$(spaced)),,!),$(subst $(newline),!,$(subst $(tab),!,$(1))))
+override visible = $(subst $(space),$(if $(filter $(2),$(spaced)),,!),$(subst $(newline),!,$(subst $(tab),!,$(1))))
 # $(call check,VAR,CLASS[,optional]): stop unless VAR's raw text (never expanded) uses only CLASS's
 # characters; an empty value only where optional
-check = $(if $(filter undefined,$(origin $(1))),,$(call check_text,$(1),$(value $(1)),$(2),$(3)))
-check_text = $(if $(2),$(if $(filter xx,x$(call drop,$(call visible,$(2),$(3)),$(c.$(3)))x),,$(error $(1)='$(2)' is not \
+override check = $(if $(filter undefined,$(origin $(1))),,$(call check_text,$(1),$(value $(1)),$(2),$(3)))
+override check_text = $(if $(2),$(if $(filter xx,x$(call drop,$(call visible,$(2),$(3)),$(c.$(3)))x),,$(error $(1)='$(2)' is not \
   allowed: use only the characters [$(subst $(space),,$(c.$(3)))]$(if $(filter $(3),$(spaced)), and spaces))),$(if \
   $(4),,$(error $(1) is empty; give it a value)))
 
-$(foreach v,TOKENS CTX SHARDS CHUNK_ROWS SEED EVAL_TOKENS BATCH_SIZE DEMO_TOKENS DEMO_LATENTS DEMO_EVAL_TOKENS,$(call check,$(v),INT))
-$(call check,LATENTS,INT,optional)
-$(foreach v,K PARETO_K DEMO_K,$(call check,$(v),INTS))
-$(call check,LAYERS,LAYERS)
-$(call check,EPOCHS,FLOAT)
-$(call check,LR,FLOAT,optional)
-$(foreach v,DTYPE COMPRESSOR KIND WANDB FORMAT,$(call check,$(v),WORD))
-$(foreach v,MODEL PARETO_MODELS,$(call check,$(v),WORDS))
-$(foreach v,LM DATA DATA_DIR VENV INSTALLED,$(call check,$(v),PATH))
-$(call check,OUT,PATH,optional)
-$(call check,CKPT,CKPTS,optional)
-$(foreach v,PYTHON NND,$(call check,$(v),COMMAND))
+# the variables a user may set, by class; the OPTIONAL ones may be empty
+override V.INT     := TOKENS CTX SHARDS CHUNK_ROWS SEED EVAL_TOKENS BATCH_SIZE LATENTS DEMO_TOKENS DEMO_LATENTS DEMO_EVAL_TOKENS
+override V.INTS    := K PARETO_K DEMO_K
+override V.LAYERS  := LAYERS
+override V.FLOAT   := EPOCHS LR
+override V.WORD    := DTYPE COMPRESSOR KIND WANDB FORMAT
+override V.WORDS   := MODEL PARETO_MODELS
+override V.PATH    := LM DATA DATA_DIR VENV INSTALLED OUT
+override V.CKPTS   := CKPT
+override V.COMMAND := PYTHON NND
+override OPTIONAL  := LATENTS LR OUT CKPT
+override CLASSES   := INT INTS LAYERS FLOAT WORD WORDS PATH CKPTS COMMAND
+override USER_VARIABLES := $(foreach c,$(CLASSES),$(V.$(c)))
+$(foreach c,$(CLASSES),$(foreach v,$(V.$(c)),$(call check,$(v),$(c),$(filter $(v),$(OPTIONAL)))))
+# a command-line variable of any other name could replace one of this file's own definitions
+$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(if $(filter-out $(USER_VARIABLES),$(subst %,?,$(v))),$(error \
+  $(subst %,?,$(v)) is not a variable of this Makefile; `make help` lists them))))
 
 # ---- 2. defaults: pipeline/core/defaults.py, shared with the `nnd` CLI ----------------
 PYTHON ?= python3
 DEFAULTS := $(shell $(PYTHON) -m pipeline.core.defaults make-vars)
 $(if $(filter 0,$(.SHELLSTATUS)),,$(error $(PYTHON) -m pipeline.core.defaults failed; run make from the repository root with Python 3.11))
 VARIABLES := $(foreach w,$(DEFAULTS),$(firstword $(subst =, ,$(w))))
+$(if $(filter-out $(USER_VARIABLES),$(VARIABLES)),$(error pipeline/core/defaults.py defines \
+  $(filter-out $(USER_VARIABLES),$(VARIABLES)), which this Makefile does not check; add them to a V.<class> list))
 $(foreach w,$(DEFAULTS),$(if $(filter undefined,$(origin $(firstword $(subst =, ,$(w))))),$(eval $(w))))
 
 VENV      ?= .venv

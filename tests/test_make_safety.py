@@ -201,3 +201,15 @@ def test_a_local_corpus_gets_the_store_name_python_gives_it(tmp_path):
     assert f"{data_dir}/train/tiny-llama/{key}/ctx32/clt/clt-batchtopk-k4-L0_2/done" in preview
     assert f"{data_dir}/stamps/harvest/tiny-llama/{key}/ctx32.done" in preview
     assert not data_dir.exists()
+
+
+def test_the_checks_cannot_be_replaced_from_the_command_line(tmp_path):
+    probe = tmp_path / "probe"
+    for extra in (["check=", "check_text="], ["USER_VARIABLES=K check", "check="], ["c.INTS=$ ( ) s h e l t o u c"]):
+        proc = run_make(REPO, "-n", "help", *extra, f"K=$(shell touch {probe})")
+        assert proc.returncode == 2 and "K='$(shell touch" in proc.stderr and not probe.exists(), (extra, proc.stderr)
+    # an internal name (a stamp, an option list) is refused, so no path or recipe can be replaced
+    for name in ("HARVEST_STAMP", "TRAIN_OPTS", "S_ALL_DONE"):
+        proc = run_make(REPO, "-n", "pareto", f"{name}=x;touch {probe}", f"DATA_DIR={tmp_path / 'data'}")
+        assert proc.returncode == 2 and f"{name} is not a variable of this Makefile" in proc.stderr
+    assert not probe.exists() and not (tmp_path / "data").exists()
