@@ -23,6 +23,7 @@ import torch
 from pipeline.data import corpora
 from pipeline.core.errors import UserError
 from pipeline.core.hashing import canonical_hash
+from pipeline.core.io import check_writable
 from pipeline.core.progress import progress_bar
 from pipeline.core import paths
 from pipeline.data.models import HOOKS, LoadedLM, StopForward, load_lm
@@ -173,6 +174,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
     lm.check_ctx(cfg.ctx)
     per_seq = cfg.ctx - 1
     n_rows = -(-cfg.tokens // per_seq) * per_seq
+    _check_space(root, cfg, lm, layers, n_rows)
     # the table covers every stored row too: they are checked against the corpus, and may be recomputed
     table = token_table(lm, cfg.data, cfg.split, cfg.ctx, max(n_rows, _stored_rows(root)), cfg.text_field)
     identity = {
@@ -236,12 +238,29 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
     return summary
 
 
-def _stored_rows(root: Root) -> int:
-    """Rows already in the store at ``root`` (0 if there is none yet)."""
+def _stored_manifest(root: Root) -> dict:
+    """The manifest of the store at ``root`` ({} if there is none yet)."""
     try:
-        return int(root.read_json("zarr.json").get("attributes", {}).get("manifest", {}).get("n_rows", 0))
+        manifest = root.read_json("zarr.json").get("attributes", {}).get("manifest", {})
     except (FileNotFoundError, ValueError, AttributeError):
-        return 0
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _stored_rows(root: Root) -> int:
+    return int(_stored_manifest(root).get("n_rows", 0))
+
+
+def _check_space(root: Root, cfg: HarvestConfig, lm: LoadedLM, layers: list[int], n_rows: int) -> None:
+    """Fail before the work when the disk cannot hold the chunks still to compute."""
+    if not root.local:
+        return
+    manifest = _stored_manifest(root)
+    done = manifest.get("layers") or []
+    stored = int(manifest.get("n_rows", 0))
+    rows = sum(max(0, n_rows - stored) if layer in done else n_rows for layer in layers)
+    need = rows * lm.d_model * len(lm.hooks) * np.dtype(cfg.dtype).itemsize
+    check_writable(root.path, need, what="the harvest store")
 
 
 def _forget_damaged(location: str) -> bool:
