@@ -181,6 +181,19 @@ def test_verify_names_every_damaged_chunk_and_repair_is_byte_identical(data_dir,
     assert nnd(*verify).code == 0
 
 
+def test_a_compressed_store_missing_chunk_is_found_not_read_as_zeros(data_dir, tmp_path):
+    args = ["harvest", *TINY, "--data", "bbc", "--layers", "0", "--tokens", 1000, "--compressor", "zstd", "--data-dir", data_dir]
+    assert nnd(*args).code == 0 and nnd(*args, "--store", tmp_path / "clean.zarr").code == 0
+    location = store_path(data_dir, "tiny-llama", "bbc", "train", 32)
+    (location / "layers/0/mlp_in/c/2/0").unlink()
+    with pytest.raises(UserError, match="chunk 2 of layer 0 mlp_in is missing.*nnd harvest --repair"):
+        HarvestStore.open(location).read_chunk(0, "mlp_in", 2)
+    bad = nnd("verify", "--store", location)
+    assert bad.code == 1 and "damaged: layer 0 mlp_in chunk 2: missing" in bad.stdout
+    assert nnd("harvest", "--repair", "--store", location, "--data-dir", data_dir, "--no-progress").code == 0
+    assert tree_bytes(location) == tree_bytes(tmp_path / "clean.zarr")
+
+
 def test_train_refuses_a_damaged_chunk_naming_it_and_the_repair(tmp_path):
     data_dir = toy_dir(tmp_path)
     chunk = toy_chunk(data_dir)
@@ -211,6 +224,26 @@ def test_interrupted_creation_is_recognised_and_redone(data_dir):
         HarvestStore.open(location)
     assert nnd("harvest", *TINY, "--data", "bbc", "--layers", "0", "--tokens", 500, "--data-dir", data_dir).code == 0
     assert HarvestStore.open(location, layers=[0]).n_rows == 527 and not debris.exists()
+
+
+def test_kill_9_right_at_store_creation_then_the_same_command_finishes(data_dir):
+    args = ["harvest", *TINY, "--data", "bbc", "--layers", "0", "--tokens", 500, "--data-dir", data_dir]
+    location = store_path(data_dir, "tiny-llama", "bbc", "train", 32)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", *map(str, args)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # the first sign of the store, then kill at once
+        if (location / "zarr.json").exists() or (location.parent.exists() and list(location.parent.glob(".*.tmp-*"))):
+            break
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "harvest ended before it could be killed"
+    if location.exists():
+        assert HarvestStore.open(location).manifest  # never a store without its manifest
+    r = nnd(*args)
+    assert r.code == 0, r.stderr
+    assert HarvestStore.open(location, layers=[0]).n_rows == 527 and not list(location.parent.glob(".*.tmp-*"))
 
 
 def test_a_new_store_appears_only_with_its_manifest(data_dir, monkeypatch):

@@ -172,11 +172,11 @@ class ActivationLoader:
         if path is not None:
             problem = source.chunk_damage(layer, hook, chunk)
             if problem:
-                raise source.damage(problem)
+                raise source.chunk_error(layer, hook, chunk, problem)
             with open(path, "rb", buffering=0) as f:
                 n = f.readinto(memoryview(dest).cast("B"))  # the file holds a full chunk; we want its first rows
             if n != dest.nbytes:
-                raise source.damage(f"chunk {chunk} of layer {layer} {hook} is damaged (short read of {path})")
+                raise source.chunk_error(layer, hook, chunk, f"damaged (short read of {path})")
         else:
             dest[...] = source.read_chunk(layer, hook, chunk)
         if not all_finite(dest):

@@ -161,32 +161,40 @@ class HarvestStore:
         return self.chunk_rows * self.d_model * np.dtype(self.manifest["dtype"]).itemsize
 
     def chunk_damage(self, layer: int, hook: str, i: int) -> str | None:
-        """Why the raw chunk file cannot be read (missing, wrong size), or None."""
+        """Why the chunk cannot be read ("missing (...)", "damaged (...)"), or None."""
         path = self.chunk_file(layer, hook, i)
-        if path is None:
-            return None
+        if path is None:  # compressed or remote: zarr would read a missing chunk as zeros
+            key = self.root.join(ArraySpec(layer, hook).key, "c", str(i), "0")
+            return None if self.root.fs.exists(key) else f"missing ({key} does not exist)"
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return f"chunk {i} of layer {layer} {hook} is missing ({path} does not exist)"
+            return f"missing ({path} does not exist)"
         if size != self.chunk_nbytes:
-            return f"chunk {i} of layer {layer} {hook} is damaged ({path} holds {size} bytes, not {self.chunk_nbytes})"
+            return f"damaged ({path} holds {size} bytes, not {self.chunk_nbytes})"
         return None
+
+    def chunk_error(self, layer: int, hook: str, i: int, reason: str) -> integrity.StoreDamage:
+        return self.damage(f"chunk {i} of layer {layer} {hook} is {reason}")
 
     def damage(self, what: str) -> integrity.StoreDamage:
         return integrity.damage(self.root.location, what)
 
     def read_chunk(self, layer: int, hook: str, i: int) -> np.ndarray:
+        """Chunk ``i`` (last one trimmed); ``StoreDamage`` naming it when missing, short or unreadable."""
+        problem = self.chunk_damage(layer, hook, i)
+        if problem:
+            raise self.chunk_error(layer, hook, i, problem)
         rows = self.rows_in_chunk(i)
         path = self.chunk_file(layer, hook, i)
         if path is not None:
-            problem = self.chunk_damage(layer, hook, i)
-            if problem:
-                raise self.damage(problem)
             full = np.fromfile(path, dtype=np.dtype(self.manifest["dtype"]).newbyteorder("<"))
             return full.reshape(self.chunk_rows, self.d_model)[:rows]
         start = i * self.chunk_rows
-        return self.array(layer, hook)[start : start + rows]
+        try:
+            return self.array(layer, hook)[start : start + rows]
+        except Exception as e:  # a torn compressed chunk: any decoder error means damage
+            raise self.chunk_error(layer, hook, i, f"unreadable ({e.__class__.__name__})") from None
 
     def record(self, layer: int, i: int) -> dict | None:
         """The completion record of chunk ``i`` of ``layer`` (rows, stats, checksums), or None."""

@@ -102,11 +102,11 @@ def _check_layer(st: HarvestStore, layer: int, report: Report) -> None:
 def _check_chunk(st: HarvestStore, layer: int, hook: str, c: int, record: dict) -> str | None:
     damage = st.chunk_damage(layer, hook, c)
     if damage:
-        return damage.split(" is ", 1)[-1]
+        return damage
     try:
         data = st.read_chunk(layer, hook, c)
-    except Exception as e:  # a torn compressed chunk: any decoder error means damage
-        return f"unreadable ({e.__class__.__name__})"
+    except integrity.StoreDamage:  # a torn compressed chunk
+        return "unreadable (its compressed data is damaged)"
     if not all_finite(data):
         return "non-finite values (NaN/inf)"
     want = (record.get("sha256") or {}).get(hook)
