@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pipeline.methods.sparsity as sp
+from pipeline.methods import kernels
 from pipeline.methods.codes import DenseCodes, SparseCodes
 from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.core.errors import UserError
@@ -109,9 +110,11 @@ def test_vanilla_l1_is_weighted_by_decoder_norms():
     assert float(s.penalty(codes, W_dec)) == pytest.approx(base + float(s.coef) * 2 * 2)
 
 
+@pytest.mark.parametrize("aux_path", ["dense", "sparse"])
 @pytest.mark.parametrize("variant", ["topk", "batchtopk"])
-def test_sparse_gradients_equal_dense_autograd(fp64, variant):
-    """SelectedPreacts/SparseDecode (and AuxK) give the gradients of the dense formulation."""
+def test_sparse_gradients_equal_dense_autograd(fp64, variant, aux_path, monkeypatch):
+    """SelectedPreacts/SparseDecode (and AuxK, both its paths) give the gradients of the dense formulation."""
+    monkeypatch.setattr(kernels, "AUXK_DENSE_MIN_DENSITY", 0.0 if aux_path == "dense" else 2.0)
     cfg = TranscoderConfig(variant=variant, k=4, d_in=8, d_out=6, n_latents=32, aux_k=3)
     d = Transcoder(cfg).double().train()
     g = torch.Generator().manual_seed(1)
@@ -203,3 +206,52 @@ def test_batchtopk_two_stage_selection_is_exact(massive_row):
     assert (pattern.rows().diff() >= 0).all()
     if massive_row:
         assert (got[3] != 0).sum() > 4 * 5
+
+
+def test_vanilla_sparse_training_path_equals_the_dense_formulation(fp64):
+    """Once few pre-activations are positive, vanilla trains on the sparse path with the dense gradients."""
+    g = torch.Generator().manual_seed(4)
+    W, b = weights(n_latents=400, d=8, seed=4)
+    b = (b - 6.0).requires_grad_()  # ~1% of the entries positive: below SPARSE_DECODE_MAX_DENSITY
+    W.requires_grad_()
+    W_dec = torch.randn(400, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    van = sp.make_sparsity("vanilla", 400, 4).double().train()
+    codes = van.encode(x, W, b)
+    assert isinstance(codes, SparseCodes) and 0 < codes.pattern.nnz < 0.05 * 60 * 400
+    loss = (codes.decode(W_dec) - y).pow(2).sum() + van.penalty(codes, W_dec)
+    sparse = torch.autograd.grad(loss, [W, b, W_dec])
+
+    acts = torch.relu(x @ W.T + b)
+    dense_loss = (acts @ W_dec - y).pow(2).sum() + van.penalty(DenseCodes(acts), W_dec)
+    dense = torch.autograd.grad(dense_loss, [W, b, W_dec])
+    assert float(loss) == pytest.approx(float(dense_loss))
+    for a, b_ in zip(sparse, dense):
+        torch.testing.assert_close(a, b_)
+    b.data += 6.0  # half the entries positive: the dense path
+    assert isinstance(van.encode(x, W, b), DenseCodes)
+
+
+def test_batchtopk_threshold_selection_handles_ties_and_falls_back(monkeypatch):
+    """bf16 pre-activations tie a lot: exactly k x batch are kept, the same set as a flat top-k
+    up to which of the tied entries are kept; an unlucky sample falls back to the exact two-stage path."""
+    g = torch.Generator().manual_seed(8)
+    pre = torch.randn(256, 512, generator=g).to(torch.bfloat16)
+    btk = sp.make_sparsity("batchtopk", 512, 8).train()
+    values, pattern = btk.select(pre)
+    assert values.numel() == 8 * 256 and (pattern.rows().diff() >= 0).all()
+    want = pre.reshape(-1).float().topk(8 * 256).values
+    torch.testing.assert_close(values.float().sort().values, want.sort().values, rtol=0, atol=0)
+    torch.testing.assert_close(pre[pattern.rows(), pattern.cols], values, rtol=0, atol=0)
+
+    monkeypatch.setattr(sp, "BATCHTOPK_SAMPLE", 100)
+    pre = torch.randn(50, 200, generator=g)
+    pre.view(-1)[::101] += 1000  # the sample sees only huge values: its bound selects too few
+    btk = sp.make_sparsity("batchtopk", 200, 8).train()
+    assert btk._select_by_threshold(pre) is None
+    values, pattern = btk.select(pre)
+    got = torch.zeros_like(pre)
+    got[pattern.rows(), pattern.cols] = values
+    exact_values, flat = pre.reshape(-1).topk(8 * 50)
+    torch.testing.assert_close(got, torch.zeros(50 * 200).index_put_((flat,), exact_values).view(50, 200))

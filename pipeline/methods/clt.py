@@ -264,7 +264,8 @@ class CrossLayerTranscoder(SparseCoder):
             if dead[p].any():
                 residual = torch.cat([e.detach() for e in errs[p:]], dim=1)  # the layers source p writes to
                 terms.append(auxk_loss(c.preacts, dead[p], xn[p], self.W_enc[p], self.b_enc[p],
-                                       self.W_dec[p].flatten(1), residual, self.cfg.k_aux, self.cfg.aux_coef))
+                                       self.W_dec[p].flatten(1), residual, self.cfg.k_aux, self.cfg.aux_coef,
+                                       self.sparsity[p].matmul_dtype()))
         return torch.stack(terms).sum()
 
     @torch.no_grad()

@@ -89,7 +89,7 @@ class DenseCodes:
         """
         dense = self.dense
         support = dense.detach() != 0
-        if support.sum() <= SPARSE_DECODE_MAX_DENSITY * support.numel():
+        if support.count_nonzero() <= SPARSE_DECODE_MAX_DENSITY * support.numel():
             rows, cols = support.nonzero(as_tuple=True)
             pattern = SparsePattern.from_rows(rows, cols, dense.shape[0], self.n_latents)
             return SparseDecode.apply(dense[rows, cols], W_dec, pattern)

@@ -166,3 +166,47 @@ def dense_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype) -
     return (flat.to(dtype) @ W_enc.to(dtype).T).to(W_enc.dtype) + b_enc
 
 
+class DeadLatentsDecode(torch.autograd.Function):
+    """AuxK's reconstruction from a dense [rows, n_dead] block of dead-latent codes.
+
+    ``acts`` holds the ReLU'd pre-activations of the selected (row, dead latent)
+    pairs and zeros elsewhere; they come from the no-grad pre-activations, and
+    backward sends the gradient through the nonzero entries to W_enc, b_enc and
+    W_dec at the rows ``idx`` only, with [rows, n_dead] x [n_dead, d] matmuls in
+    ``dtype`` (bf16 while training). AuxK selects k_aux = d/2 of the dead
+    latents per row, so this block is dense whenever few latents are dead
+    (k_aux / n_dead >= AUXK_DENSE_MIN_DENSITY), where it replaces CSR products
+    over rows x k_aux entries that cost ~9x the main path's sparse work.
+    """
+
+    @staticmethod
+    def forward(ctx, acts, x, W_enc, b_enc, W_dec, idx, dtype):
+        W_dec_dead = W_dec.detach().index_select(0, idx).to(dtype)
+        acts_m = acts.to(dtype)
+        ctx.save_for_backward(acts, acts_m, x, W_dec_dead, idx)
+        ctx.shapes = (W_enc.shape, b_enc.shape, W_dec.shape)
+        ctx.dtype = dtype
+        return (acts_m @ W_dec_dead).to(W_dec.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        acts, acts_m, x, W_dec_dead, idx = ctx.saved_tensors
+        enc_shape, b_shape, dec_shape = ctx.shapes
+        g = grad_out.to(ctx.dtype)
+        grad_acts = (g @ W_dec_dead.T).to(acts.dtype).mul_(acts > 0)  # ReLU and selection in one mask
+        grad_w = grad_b = grad_dec = None
+        if ctx.needs_input_grad[2]:
+            grad_w = torch.zeros(enc_shape, dtype=acts.dtype, device=acts.device)
+            grad_w.index_copy_(0, idx, (grad_acts.to(ctx.dtype).T @ x.to(ctx.dtype)).to(acts.dtype))
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(b_shape, dtype=acts.dtype, device=acts.device)
+            grad_b.index_copy_(0, idx, grad_acts.sum(0))
+        if ctx.needs_input_grad[4]:
+            grad_dec = torch.zeros(dec_shape, dtype=acts.dtype, device=acts.device)
+            grad_dec.index_copy_(0, idx, (acts_m.T @ g).to(acts.dtype))
+        return None, None, grad_w, grad_b, grad_dec, None, None
+
+
+# AuxK uses the dense dead-latent block (``DeadLatentsDecode``) when k_aux is at
+# least this fraction of the dead latents; CSR products below it.
+AUXK_DENSE_MIN_DENSITY = 0.05

@@ -32,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.methods.codes import Codes, DenseCodes, SparseCodes
+from pipeline.methods.codes import SPARSE_DECODE_MAX_DENSITY, Codes, DenseCodes, SparseCodes
 from pipeline.methods.kernels import TRAIN_MATMUL_DTYPE, SelectedPreacts, SparsePattern, argsort, dense_preacts, preacts
 
 # BatchTopK first keeps this many x k candidates per row (see BatchTopK.select).
 BATCHTOPK_CANDIDATES = 4
+# BatchTopK samples about this many pre-activations to bound its threshold.
+BATCHTOPK_SAMPLE = 2**16
 
 # JumpReLU log-thresholds learn this many times faster than the weights.
 THRESHOLD_LR_SCALE = 20.0
@@ -141,6 +143,9 @@ class BatchTopK(_SparseSelection):
             mask = pre > self.threshold.clamp_min(0).to(pre.dtype)
             rows, cols = mask.nonzero(as_tuple=True)
             return pre[rows, cols], SparsePattern.from_rows(rows, cols, n_rows, self.n_latents)
+        selected = self._select_by_threshold(pre)
+        if selected is not None:
+            return selected
         # Two stages, exact: each row's top CANDIDATES x k first (cheap, per row),
         # then the batch's top k x batch among those. Only if some row had all
         # its candidates selected could a row hold more; then redo it flat.
@@ -155,6 +160,42 @@ class BatchTopK(_SparseSelection):
         order = argsort(rows * self.n_latents + cols)
         rows, cols = rows[order], cols[order]
         return values[order], SparsePattern.from_rows(rows, cols, n_rows, self.n_latents)
+
+    def _select_by_threshold(self, pre: Tensor) -> tuple[Tensor, SparsePattern] | None:
+        """The batch's k x batch largest pre-activations, without a large top-k.
+
+        A lower bound on the selection threshold comes from a strided sample
+        of the pre-activations (BATCHTOPK_SAMPLE entries, the stride coprime
+        to n_latents so every latent is sampled, no RNG used), aiming at
+        ~1.4x the k x batch entries; one pass keeps the entries above it (in
+        row-major order, as the pattern needs, so no sort), and kthvalue on
+        those finds the exact threshold. Ties at the threshold are kept in
+        row-major order up to exactly k x batch. None when the bound selected
+        too few (an unlucky sample): the caller then selects the slow way.
+        """
+        n_rows, n_latents = pre.shape
+        n_sel = self.k * n_rows
+        flat = pre.reshape(-1)
+        stride = max(1, flat.numel() // BATCHTOPK_SAMPLE) | 1
+        while math.gcd(stride, n_latents) != 1:
+            stride += 2
+        sample = flat[::stride]
+        want = min(sample.numel(), int(1.4 * sample.numel() * n_sel / flat.numel()) + 64)
+        bound = sample.topk(want, sorted=False).values.min()
+        rows, cols = (pre >= bound).nonzero(as_tuple=True)
+        count = rows.numel()
+        if count < n_sel:
+            return None
+        values = pre[rows, cols]
+        if count > n_sel:
+            # kthvalue has no bf16 kernel; bf16 -> fp32 -> bf16 is exact.
+            wide = values if values.dtype in (torch.float32, torch.float64) else values.float()
+            threshold = wide.kthvalue(count - n_sel + 1).values.to(values.dtype)
+            above = values > threshold
+            ties = values == threshold
+            keep = above | (ties & (ties.cumsum(0) <= n_sel - int(above.sum())))
+            rows, cols, values = rows[keep], cols[keep], values[keep]
+        return values, SparsePattern.from_rows(rows, cols, n_rows, n_latents)
 
     @torch.no_grad()
     def update(self, codes):
@@ -205,10 +246,26 @@ class Vanilla(_TargetL0):
 
     def encode(self, x, W_enc, b_enc):
         dtype = self.matmul_dtype()
+        if self.training:
+            # As TopK once sparse: the ReLU's gradient is zero wherever the
+            # pre-activation is <= 0, so after the no-grad matmul only the
+            # positive entries carry a gradient to W_enc/b_enc (and W_dec).
+            # Dense (three matmuls) while more than SPARSE_DECODE_MAX_DENSITY
+            # of the entries are active, as early in training.
+            pre = preacts(x, W_enc, b_enc, dtype)
+            active = pre > 0
+            if active.count_nonzero() <= SPARSE_DECODE_MAX_DENSITY * active.numel():
+                rows, cols = active.nonzero(as_tuple=True)
+                pattern = SparsePattern.from_rows(rows, cols, pre.shape[0], self.n_latents)
+                values = SelectedPreacts.apply(pre[rows, cols].to(W_enc.dtype), x, W_enc, b_enc, pattern)
+                return SparseCodes(F.relu(values), pattern, preacts=pre)
         return DenseCodes(F.relu(dense_preacts(x, W_enc, b_enc, dtype)), matmul_dtype=dtype)
 
     def penalty(self, codes, W_dec):
-        return self.coef * (codes.dense @ W_dec.norm(dim=1)).mean()
+        norms = W_dec.norm(dim=1)
+        if isinstance(codes, SparseCodes):
+            return self.coef * (codes.values * norms[codes.pattern.cols]).sum() / codes.pattern.n_rows
+        return self.coef * (codes.dense @ norms).mean()
 
 
 class _Rectangle:

@@ -139,7 +139,7 @@ class Transcoder(SparseCoder):
         aux = torch.zeros((), device=x.device)
         if self.sparsity.uses_auxk and dead is not None and self.training:
             aux = auxk_loss(codes.preacts, dead, xn, self.W_enc, self.b_enc, self.W_dec, err.detach(),
-                            self.cfg.k_aux, self.cfg.aux_coef)
+                            self.cfg.k_aux, self.cfg.aux_coef, self.sparsity.matmul_dtype())
         out = StepOutput(recon + penalty + aux, recon, penalty, aux, codes)
         if with_metrics:
             with torch.no_grad():
