@@ -162,6 +162,13 @@ class _ChunkWriter:
             raise self.error
 
 
+def store_identity(cfg: HarvestConfig, lm: LoadedLM) -> dict:
+    """The manifest fields that say what a store holds (``store.IDENTITY_FIELDS``)."""
+    return {"lm": cfg.lm, "lm_weights_sha256": lm.weights_sha256, "data": cfg.data, "split": cfg.split, "ctx": cfg.ctx,
+            "bos_token_id": lm.bos_token_id, "separator_token_id": lm.separator_token_id, "dtype": cfg.dtype,
+            "compressor": cfg.compressor, "chunk_rows": chunk_rows_for(cfg.ctx, cfg.chunk_rows)}
+
+
 def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> HarvestSummary:
     """Harvest ``cfg``; ``repair`` first forgets the chunks ``verify`` finds damaged, so exactly
     those are recomputed (and the row arrays rewritten if they are damaged)."""
@@ -177,18 +184,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
     _check_space(root, cfg, lm, layers, n_rows)
     # the table covers every stored row too: they are checked against the corpus, and may be recomputed
     table = token_table(lm, cfg.data, cfg.split, cfg.ctx, max(n_rows, _stored_rows(root)), cfg.text_field)
-    identity = {
-        "lm": cfg.lm,
-        "lm_weights_sha256": lm.weights_sha256,
-        "data": cfg.data,
-        "split": cfg.split,
-        "ctx": cfg.ctx,
-        "bos_token_id": lm.bos_token_id,
-        "separator_token_id": lm.separator_token_id,
-        "dtype": cfg.dtype,
-        "compressor": cfg.compressor,
-        "chunk_rows": chunk_rows_for(cfg.ctx, cfg.chunk_rows),
-    }
+    identity = store_identity(cfg, lm)
     hooks = {h: HOOKS[h] for h in lm.hooks}
     writer = StoreWriter(cfg.location, identity, hooks, lm.d_model, lm.n_layers, lm.d_mlp)
     run_id = canonical_hash({"identity": identity, "layers": layers, "n_rows": n_rows})
