@@ -386,6 +386,27 @@ def test_two_real_trains_at_once_one_is_refused(tmp_path):
     one_error_line(second, "is in use by pid", str(first.pid))
 
 
+def test_waiters_on_a_removed_lock_file_never_hold_it_together(tmp_path):
+    import threading
+
+    target, inside, seen = tmp_path / "ref" / "lock", [], []
+
+    def worker():
+        for _ in range(20):
+            with exclusive_lock(target):
+                inside.append(1)
+                seen.append(len(inside))
+                time.sleep(0.001)
+                inside.pop()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 60 and max(seen) == 1  # mutual exclusion across the unlink-on-release
+
+
 def test_a_failed_run_leaves_no_lock_folders(tmp_path):
     target = tmp_path / "eval" / "x" / "reference" / "lock"
     with pytest.raises(UserError):
