@@ -58,7 +58,7 @@ def train(
     layer_list = parse_layers(layers)
     if not epochs > 0:
         raise UserError(f"EPOCHS must be positive, got {epochs}")
-    if latents < 0:
+    if latents is not None and latents < 0:
         raise UserError(f"LATENTS={latents} must be a positive dictionary width (0 or unset: 8 x d_model)")
     if tokens < 0:
         raise UserError(f"TOKENS must be >= 0, got {tokens}")
