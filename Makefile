@@ -118,7 +118,7 @@ differs = $(strip $(filter-out $(2),$(file <$(1))) $(filter-out $(file <$(1)),$(
 # the recipe line that records CONTENT in STAMP (after the stage it describes succeeded)
 record = @mkdir -p $(dir $(1)) && printf '%s\n' '$(2)' > $(1)
 
-.PHONY: help install demo test harvest train evaluate baselines report pareto export verify clean-data FORCE
+.PHONY: help install demo test harvest train evaluate baselines report pareto export verify repair clean-data FORCE
 FORCE:
 
 help: ## list targets and variables
@@ -185,8 +185,11 @@ export: | $(INSTALLED) ## export a checkpoint to another tool's format: CKPT [FO
 	@test -n "$(CKPT)" || { echo "error: set CKPT=<CLT checkpoint directory>" >&2; exit 2; }
 	$(NND) export --format $(FORMAT) --ckpt '$(CKPT)' --out '$(or $(OUT),$(CKPT).$(FORMAT))'
 
-verify: | $(INSTALLED) ## check the stores and checkpoints of LM DATA CTX under DATA_DIR
+verify: | $(INSTALLED) ## check the harvest store chunk by chunk (size, checksum, NaN/inf, manifest): LM DATA CTX
 	$(NND) verify --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR)
+
+repair: | $(INSTALLED) ## recompute exactly the damaged chunks of the harvest store (settings from its manifest): LM DATA CTX
+	$(NND) harvest --repair --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR)
 
 # ---- pareto: every (method, K) evaluation its own file target ----------------------------
 # The eval stamp records the layer set; each metrics.json depends on it and on its own
