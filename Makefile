@@ -55,16 +55,16 @@ override check_text = $(if $(2),$(if $(filter xx,x$(call drop,$(call visible,$(2
   $(4),,$(error $(1) is empty; give it a value)))
 
 # the variables a user may set, by class; the OPTIONAL ones may be empty
-override V.INT     := TOKENS CTX SHARDS CHUNK_ROWS SEED EVAL_TOKENS BATCH_SIZE LATENTS DEMO_TOKENS DEMO_LATENTS DEMO_EVAL_TOKENS
+override V.INT     := TOKENS CTX SHARDS CHUNK_ROWS SEED EVAL_TOKENS BATCH_SIZE LATENTS DEMO_TOKENS DEMO_LATENTS DEMO_EVAL_TOKENS BENCH_LAYER BENCH_TOKENS
 override V.INTS    := K PARETO_K DEMO_K
 override V.LAYERS  := LAYERS
 override V.FLOAT   := EPOCHS LR
 override V.WORD    := DTYPE COMPRESSOR KIND WANDB FORMAT
 override V.WORDS   := MODEL PARETO_MODELS
-override V.PATH    := LM DATA DATA_DIR VENV INSTALLED OUT
+override V.PATH    := LM DATA DATA_DIR VENV INSTALLED OUT BENCH_STORE
 override V.CKPTS   := CKPT
 override V.COMMAND := PYTHON NND
-override OPTIONAL  := LATENTS LR OUT CKPT
+override OPTIONAL  := LATENTS LR OUT CKPT BENCH_STORE
 override CLASSES   := INT INTS LAYERS FLOAT WORD WORDS PATH CKPTS COMMAND
 override USER_VARIABLES := $(foreach c,$(CLASSES),$(V.$(c)))
 $(foreach c,$(CLASSES),$(foreach v,$(V.$(c)),$(call check,$(v),$(c),$(filter $(v),$(OPTIONAL)))))
@@ -118,7 +118,7 @@ differs = $(strip $(filter-out $(2),$(file <$(1))) $(filter-out $(file <$(1)),$(
 # the recipe line that records CONTENT in STAMP (after the stage it describes succeeded)
 record = @mkdir -p $(dir $(1)) && printf '%s\n' '$(2)' > $(1)
 
-.PHONY: help install demo test harvest train evaluate baselines report pareto export verify repair clean-data FORCE
+.PHONY: help install demo test harvest train evaluate baselines report pareto export verify repair bench-env bench-sparsify clean-data FORCE
 FORCE:
 
 help: ## list targets and variables
@@ -238,3 +238,21 @@ demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at
 
 clean-data: ## delete what the pipeline wrote under DATA_DIR (models harvest train eval reports stamps)
 	$(PYTHON) -m pipeline.core.paths clean-data --data-dir $(DATA_DIR)
+
+# ---- benchmarks against peer libraries, in a side environment (never in .venv) -------------
+BENCH_VENV   := .venv-bench
+BENCH_PY     := $(BENCH_VENV)/bin/python
+BENCH_LAYER  ?= 3
+BENCH_TOKENS ?= 524288
+
+bench-env: $(BENCH_VENV)/.installed ## side env for bench/bench_sparsify.py: torch==2.13.0, eai-sparsify==1.3.3, the store's deps at the lock's pins
+
+$(BENCH_VENV)/.installed: requirements.lock
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --disable-pip-version-check torch==2.13.0 eai-sparsify==1.3.3 \
+	  $$(grep -E '^(zarr|numcodecs|numpy|fsspec|safetensors)==' requirements.lock)
+	touch $@
+
+bench-sparsify: $(BENCH_VENV)/.installed ## ours vs sparsify, TopK SAE + transcoder on the same rows: BENCH_STORE BENCH_LAYER BENCH_TOKENS
+	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(BENCH_PY) bench/bench_sparsify.py \
+	  --store $(or $(BENCH_STORE),$(STORE)) --layer $(BENCH_LAYER) --tokens $(BENCH_TOKENS)
