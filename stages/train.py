@@ -37,7 +37,7 @@ def train(
     latents: int = typer.Option(defaults.LATENTS, help="dictionary width; 0 = 8 x d_model"),
     tokens: int = typer.Option(defaults.TRAIN_TOKENS, help="store rows used per epoch; 0 = the whole store"),
     epochs: float = typer.Option(defaults.EPOCHS, help="passes over those rows (more than 1 reuses data, with a warning)"),
-    lr: float = typer.Option(defaults.LR, help="learning rate; default 1e-3 / sqrt(latents / 2^14)"),
+    lr: float = typer.Option(defaults.LR, help="learning rate; default 2e-3 / sqrt(latents / 2^14)"),
     lm: str = typer.Option(defaults.LM, help="model the store was harvested from"),
     data: str = typer.Option(defaults.DATA, help="corpus of the store"),
     ctx: int = typer.Option(defaults.CTX, help="context length of the store"),

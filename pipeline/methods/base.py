@@ -81,6 +81,13 @@ class Trainable(Protocol):
     def sync_state(self) -> list[Tensor]:
         """Buffers that every rank of a distributed run must agree on."""
 
+    def start_calibration(self) -> Any:
+        """After training: calibrators of the inference thresholds (None when there are none)."""
+
+    def add_calibration(self, calibs: Any, x: Any) -> None: ...
+
+    def finish_calibration(self, calibs: Any) -> dict: ...
+
     def config_dict(self) -> dict: ...
 
     def extra_config(self) -> dict[str, float]: ...

@@ -70,7 +70,7 @@ from pipeline.core.layers import layers_label
 from pipeline.methods.base import MethodSpec, ParetoAxes, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
 from pipeline.methods.codes import Codes, DenseCodes
 from pipeline.methods.coder import CoderConfig, SparseCoder, unit_rows
-from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, fvu_metrics, geometric_median
+from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, capped_mse, fvu_metrics, geometric_median
 from pipeline.methods.sparsity import SPARSITY, make_sparsity
 
 # MODEL=clt is clt-batchtopk: its inference threshold exports exactly to circuit-tracer.
@@ -232,7 +232,11 @@ class CrossLayerTranscoder(SparseCoder):
         yn = [y[layer].float() * self.target_scale[q] for q, layer in enumerate(layers)]
         codes = [self.sparsity[p].encode(xn[p], self.W_enc[p], self.b_enc[p]) for p in range(len(layers))]
         errs = [pred - target for pred, target in zip(self._predict(codes), yn)]
-        recon = torch.stack([err.pow(2).mean() for err in errs]).sum()
+        # per target layer: MSE with massive rows capped, as a transcoder's, so a CLT with
+        # zero cross-layer slices has exactly its per-layer transcoders' loss
+        caps = [self.massive_norm[q] * self.target_scale[q] if self.cfg.cap_massive_rows else None
+                for q in range(len(layers))]
+        recon = torch.stack([capped_mse(err, target, cap) for err, target, cap in zip(errs, yn, caps)]).sum()
         penalty = torch.stack([self.sparsity[p].penalty(c, self.W_dec[p].flatten(1)) for p, c in enumerate(codes)]).sum()
         aux = self._auxk(xn, errs, codes, dead)
         out = StepOutput(recon + penalty + aux, recon, penalty, aux, dict(zip(layers, codes)))
@@ -274,6 +278,11 @@ class CrossLayerTranscoder(SparseCoder):
         for layer, piece in zip(self.cfg.layers, self.sparsity):
             piece.update(out.codes[layer])
         self.record_firing([out.codes[layer].fired() for layer in self.cfg.layers], n_tokens)
+
+    @torch.no_grad()
+    def calibration_preacts(self, x: dict[int, Tensor]) -> list[Tensor]:
+        return [torch.addmm(self.b_enc[p], x[layer].reshape(-1, self.cfg.d_in).float() * self.input_scale[p], self.W_enc[p].T)
+                for p, layer in enumerate(self.cfg.layers)]
 
     def extra_config(self) -> dict[str, float]:
         return {f"{name}_L{layer}": value for layer, piece in zip(self.cfg.layers, self.sparsity)

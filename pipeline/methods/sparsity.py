@@ -72,6 +72,36 @@ class SparsitySettings:
             raise ValueError(f"SparsitySettings.threshold_decay must be in (0, 1), got {self.threshold_decay}")
 
 
+class L0Calibrator:
+    """The threshold t with mean over rows of #{scores > t} = k, over many batches, exactly.
+
+    An entry is active at inference iff its score exceeds t, so t is the
+    (k * rows + 1)-th largest score overall. A row can hold more than
+    ``BATCHTOPK_CANDIDATES`` x k of those only in rare cases (``exact`` says
+    whether it happened), so each batch keeps only its rows' top candidates:
+    O(rows x k) memory.
+    """
+
+    def __init__(self, k: int):
+        self.k, self.rows, self.exact = k, 0, True
+        self.parts: list[Tensor] = []
+        self.row_min: list[Tensor] = []
+
+    @torch.no_grad()
+    def add(self, scores: Tensor) -> None:
+        n_cand = min(scores.shape[1], BATCHTOPK_CANDIDATES * self.k + 1)
+        top = scores.float().topk(n_cand, dim=-1, sorted=False).values
+        self.parts.append(top.reshape(-1))
+        self.row_min.append(top.min(dim=1).values)
+        self.rows += scores.shape[0]
+
+    def threshold(self) -> float:
+        values = torch.cat(self.parts)
+        t = values.topk(min(values.numel(), self.k * self.rows + 1), sorted=False).values.min()
+        self.exact = bool((torch.cat(self.row_min) <= t).all())
+        return float(t)
+
+
 class Sparsity(nn.Module):
     name: ClassVar[str]
     uses_auxk: ClassVar[bool] = False  # dead latents get an AuxK loss
@@ -96,6 +126,17 @@ class Sparsity(nn.Module):
     def extra_config(self) -> dict:
         """Scalars worth recording in the checkpoint's config.json."""
         return {}
+
+    # Inference-threshold calibration after training (BatchTopK, JumpReLU); None: nothing to set.
+    def calibrator(self) -> L0Calibrator | None:
+        return None
+
+    def calibration_scores(self, pre: Tensor) -> Tensor:
+        """Per entry, a score that exceeds the calibrated threshold iff the entry is active."""
+        return pre
+
+    def calibrate_inference(self, calib: L0Calibrator) -> None:
+        raise NotImplementedError
 
 
 class _SparseSelection(Sparsity):
@@ -205,6 +246,21 @@ class BatchTopK(_SparseSelection):
         smallest = positive.min().float()
         decay = self.settings.threshold_decay
         self.threshold.copy_(smallest if self.threshold.isnan() else decay * self.threshold + (1 - decay) * smallest)
+
+    def calibrator(self) -> L0Calibrator:
+        return L0Calibrator(self.k)
+
+    @torch.no_grad()
+    def calibrate_inference(self, calib: L0Calibrator) -> None:
+        """The inference threshold from training rows, so that eval L0 = k there.
+
+        The running estimate (EMA of each batch's smallest selected value) is
+        biased low: a batch's minimum over k x batch selections sits below the
+        typical k-th value, so eval L0 came out 2-3x k (39-47 at k=16) in short
+        runs. Calibration replaces it with the threshold at which the rows'
+        mean L0 is k, which is what BatchTopK selects over one very large batch.
+        """
+        self.threshold.fill_(max(calib.threshold(), 0.0))
 
     def extra_config(self):
         return {"threshold": float(self.threshold)}
@@ -368,6 +424,23 @@ class JumpReLU(_TargetL0):
         error = ((codes.l0() - self.k) / self.k).clamp(-1, 1)
         super().update(codes)
         self.log_threshold.add_(self.settings.controller_rate * error)
+
+    def calibrator(self) -> L0Calibrator:
+        return L0Calibrator(self.k)
+
+    def calibration_scores(self, pre: Tensor) -> Tensor:
+        """log(pre / threshold) where pre > 0: active iff the score is > 0, and after a common
+        shift s of the log-thresholds, iff the score is > s."""
+        return (pre.float().clamp_min(1e-30).log() - self.log_threshold.detach()).masked_fill(pre <= 0, float("-inf"))
+
+    @torch.no_grad()
+    def calibrate_inference(self, calib: L0Calibrator) -> None:
+        """Shift every log-threshold by the same amount so the mean L0 on training rows is k.
+
+        The L0 controller cannot reach its target in a short run (it acts through
+        Adam steps that the schedule decays); one common shift keeps the learned
+        relative thresholds and sets only the overall sparsity level."""
+        self.log_threshold.add_(calib.threshold())
 
 
 SPARSITY: dict[str, type[Sparsity]] = {cls.name: cls for cls in (Vanilla, TopK, BatchTopK, JumpReLU)}

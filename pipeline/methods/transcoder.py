@@ -35,8 +35,6 @@ KIND_HOOKS = {"transcoder": ("mlp_in", "mlp_out"), "sae": ("mlp_out", "mlp_out")
 class TranscoderConfig(CoderConfig):
     kind: str = "transcoder"
     layer: int = 0
-    # Weight each row's squared error by min(1, (massive_norm / ||y||)^2) (``capped_mse``).
-    cap_massive_rows: bool = True
 
     METHOD = "transcoder"
 
@@ -155,6 +153,11 @@ class Transcoder(SparseCoder):
 
     def extra_config(self) -> dict[str, float]:
         return self.sparsity.extra_config()
+
+    @torch.no_grad()
+    def calibration_preacts(self, x: Tensor) -> list[Tensor]:
+        xn = x.reshape(-1, x.shape[-1]).float() * self.input_scale
+        return [torch.addmm(self.b_enc, xn, self.W_enc.T)]
 
     def config_dict(self) -> dict:
         return {"family": self.family, "config": self.cfg.to_dict(), **self.extra_config(),

@@ -197,10 +197,12 @@ def fit(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: 
     elapsed = time.perf_counter() - t0
     for j in jobs:
         j.module.eval()
+    calibration = calibrate(jobs, loader, cfg)
+    for j in jobs:
         meta = {**j.metadata, "train_hash": hashes[j.name], "train": cfg.result_fields(), "steps": run.step,
                 "tokens": run.step * cfg.batch_size, "dead_window_tokens": cfg.dead_tokens,
                 "dead_fraction": float(j.module.dead_mask(cfg.dead_tokens).float().mean()),
-                "input_key": list(j.input_key), "target_key": list(j.target_key),
+                "calibration": calibration.get(j.name), "input_key": list(j.input_key), "target_key": list(j.target_key),
                 "final": run.history[j.name][-1] if run.history[j.name] else {},
                 "tokens_per_s_run": tokens_done / elapsed if elapsed > 0 else None,
                 "resumed_from_steps": run.resumed_from, "wandb_run_id": run.run_id, **loader.store.provenance()}
@@ -208,6 +210,25 @@ def fit(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: 
             meta |= evaluate(j)
         with _clear_write_errors(f"checkpoint {j.out_dir}", run):
             save(j, meta, run.history[j.name])
+
+
+@torch.no_grad()
+def calibrate(jobs: list[TrainJob], loader: ActivationLoader, cfg: TrainConfig) -> dict[str, dict]:
+    """Set inference thresholds (BatchTopK, JumpReLU; per source layer for a CLT) so that the
+    mean L0 is exactly k on ``cfg.calibration_tokens`` training rows, read once for every job
+    from the loader's stream after the last step (so a resumed run calibrates on the same rows)."""
+    calibs = {j.name: j.module.start_calibration() for j in jobs}
+    todo = [j for j in jobs if calibs[j.name] is not None]
+    if not todo or cfg.calibration_tokens <= 0:
+        return {}
+    rows = 0
+    for batch in loader:
+        for j in todo:
+            j.module.add_calibration(calibs[j.name], select(batch, j.input_key))
+        rows += cfg.batch_size
+        if rows >= cfg.calibration_tokens:
+            break
+    return {j.name: j.module.finish_calibration(calibs[j.name]) for j in todo}
 
 
 def log_points(cfg: TrainConfig) -> set[int]:
