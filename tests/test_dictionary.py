@@ -158,3 +158,30 @@ def test_massive_rows_are_capped_in_the_loss():
     plain = make(d_in=4, d_out=4, cap_massive_rows=False)
     plain.massive_norm.fill_(10.0)
     assert float(capped_mse(err, y, None)) == pytest.approx((0.25 + 1e4) / 8)
+
+
+@pytest.mark.parametrize("variant", ["batchtopk", "jumprelu", "vanilla"])
+def test_calibration_sets_eval_l0_to_k_on_the_calibration_rows(variant):
+    """After training, the inference threshold (BatchTopK), the common log-threshold shift
+    (JumpReLU) or the common encoder-bias shift (vanilla) is set so that mean L0 = k exactly."""
+    torch.manual_seed(0)
+    d = make(variant=variant, k=5, d_in=12, d_out=12, n_latents=96)
+    with torch.no_grad():
+        d.b_enc.normal_(0, 0.3)
+        d.W_enc.normal_(0, 1.0)
+    x = torch.randn(2000, 12)
+    if variant == "jumprelu":
+        d.init_from_batch(x, x)
+    d.eval()
+    calibs = d.start_calibration()
+    for part in x.split(500):
+        d.add_calibration(calibs, part)
+    info = d.finish_calibration(calibs)
+    assert info["rows"] == 2000 and info["exact"]
+    l0 = float((d.encode(x) != 0).float().sum(1).mean())
+    assert l0 == pytest.approx(5.0, abs=1e-3), l0
+    assert ("encoder_bias_shift" in info) == (variant == "vanilla")
+
+
+def test_topk_has_nothing_to_calibrate():
+    assert make(variant="topk").start_calibration() is None

@@ -279,6 +279,9 @@ class CrossLayerTranscoder(SparseCoder):
             piece.update(out.codes[layer])
         self.record_firing([out.codes[layer].fired() for layer in self.cfg.layers], n_tokens)
 
+    def encoder_bias(self, piece: int) -> Tensor:
+        return self.b_enc[piece]
+
     @torch.no_grad()
     def calibration_preacts(self, x: dict[int, Tensor]) -> list[Tensor]:
         return [torch.addmm(self.b_enc[p], x[layer].reshape(-1, self.cfg.d_in).float() * self.input_scale[p], self.W_enc[p].T)

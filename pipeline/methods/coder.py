@@ -159,6 +159,15 @@ class SparseCoder(nn.Module):
 
     @torch.no_grad()
     def finish_calibration(self, calibs) -> dict:
-        for piece, calib in zip(self.sparsity_pieces(), calibs):
-            piece.calibrate_inference(calib)
-        return {"rows": calibs[0].rows, "exact": all(c.exact for c in calibs)}
+        shifts = []
+        for p, (piece, calib) in enumerate(zip(self.sparsity_pieces(), calibs)):
+            shift = piece.calibrate_inference(calib)
+            if shift is not None:
+                self.encoder_bias(p).add_(shift)
+                shifts.append(shift)
+        out = {"rows": calibs[0].rows, "exact": all(c.exact for c in calibs)}
+        return out | ({"encoder_bias_shift": shifts} if shifts else {})
+
+    def encoder_bias(self, piece: int) -> Tensor:
+        """The encoder bias [n_latents] that sparsity piece ``piece`` reads."""
+        raise NotImplementedError

@@ -135,7 +135,9 @@ class Sparsity(nn.Module):
         """Per entry, a score that exceeds the calibrated threshold iff the entry is active."""
         return pre
 
-    def calibrate_inference(self, calib: L0Calibrator) -> None:
+    def calibrate_inference(self, calib: L0Calibrator) -> float | None:
+        """Set the inference threshold; a variant whose only knob is the encoder bias
+        returns the common shift its coder must add to ``b_enc`` (else None)."""
         raise NotImplementedError
 
 
@@ -322,6 +324,21 @@ class Vanilla(_TargetL0):
         if isinstance(codes, SparseCodes):
             return self.coef * (codes.values * norms[codes.pattern.cols]).sum() / codes.pattern.n_rows
         return self.coef * (codes.dense @ norms).mean()
+
+    def calibrator(self) -> L0Calibrator:
+        return L0Calibrator(self.k)
+
+    @torch.no_grad()
+    def calibrate_inference(self, calib: L0Calibrator) -> float:
+        """The common encoder-bias shift that makes the mean L0 on training rows k.
+
+        A ReLU latent fires iff its pre-activation is positive, so its L0 is set
+        by the encoder bias; the controller moves L0 only through Adam steps that
+        the schedule decays to nothing, and short runs ended 10-20% off target.
+        Shifting every bias by -t (t: the level above which k entries per row lie)
+        sets L0 = k and changes each active value by t, which is small when the
+        controller was close."""
+        return -calib.threshold()
 
 
 class _Rectangle:

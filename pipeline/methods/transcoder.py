@@ -154,6 +154,9 @@ class Transcoder(SparseCoder):
     def extra_config(self) -> dict[str, float]:
         return self.sparsity.extra_config()
 
+    def encoder_bias(self, piece: int) -> Tensor:
+        return self.b_enc
+
     @torch.no_grad()
     def calibration_preacts(self, x: Tensor) -> list[Tensor]:
         xn = x.reshape(-1, x.shape[-1]).float() * self.input_scale
