@@ -60,7 +60,7 @@ override V.INTS    := K PARETO_K DEMO_K
 override V.LAYERS  := LAYERS
 override V.FLOAT   := EPOCHS LR
 override V.WORD    := DTYPE COMPRESSOR KIND WANDB FORMAT
-override V.WORDS   := MODEL PARETO_MODELS
+override V.WORDS   := MODEL PARETO_MODELS DEMO_MODELS
 override V.PATH    := LM DATA DATA_DIR VENV INSTALLED OUT BENCH_STORE
 override V.CKPTS   := CKPT
 override V.COMMAND := PYTHON NND
@@ -85,10 +85,12 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 NND       ?= $(VENV)/bin/nnd
 INSTALLED ?= $(VENV)/.installed
-DEMO_TOKENS      ?= 60000
+# The demo trains fewer things well: four per-layer variants at one K, no CLT (left to `make pareto`).
+DEMO_TOKENS      ?= 100000
 DEMO_LATENTS     ?= 2304
-DEMO_EVAL_TOKENS ?= 508
-DEMO_K           ?= 16,64
+DEMO_EVAL_TOKENS ?= 2048
+DEMO_K           ?= 32
+DEMO_MODELS      ?= topk,batchtopk,jumprelu,vanilla
 
 # ---- 3. paths: pipeline/core/paths.py, the one data layout ----------------------------
 # Asked only by the goals that need them (never by help, install, test, demo, clean-data).
@@ -234,7 +236,7 @@ pareto: $(REPORT_DONE) ## the default comparison: PARETO_MODELS x PARETO_K on LA
 # ---- demo: the same chain at a small budget -------------------------------------------
 demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at DEMO_* budgets
 	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) LATENTS=$(DEMO_LATENTS) EVAL_TOKENS=$(DEMO_EVAL_TOKENS) \
-	  PARETO_K=$(DEMO_K)
+	  PARETO_K=$(DEMO_K) PARETO_MODELS=$(DEMO_MODELS)
 
 clean-data: ## delete what the pipeline wrote under DATA_DIR (models harvest train eval reports stamps)
 	$(PYTHON) -m pipeline.core.paths clean-data --data-dir $(DATA_DIR)
