@@ -56,8 +56,7 @@ def evaluate(
     """
     from pipeline.eval.config import EvalConfig, load_model
     from pipeline.eval.methods import checkpoint_origin, load_checkpoints
-    from pipeline.eval.metrics import write_metrics
-    from pipeline.eval.run import evaluate_methods
+    from pipeline.eval.run import evaluate_and_write
 
     origin = checkpoint_origin(ckpt)
     cfg = EvalConfig(lm=lm or origin.get("lm", "smollm2-135m"), data=data or origin.get("data", "bbc"),
@@ -68,8 +67,8 @@ def evaluate(
     if out is not None and len(methods) > 1:
         raise UserError(f"--out names one metrics.json, but the checkpoints hold {len(methods)} configurations "
                         f"({', '.join(m.name for m in methods)}); leave --out out to write one per configuration")
-    for metrics in evaluate_methods(model, cfg, methods, _modes(modes), progress=progress):
-        print(_summary(metrics, write_metrics(cfg, metrics, out)))
+    for metrics, path in evaluate_and_write(model, cfg, methods, _modes(modes), progress=progress, out=out):
+        print(_summary(metrics, path))
 
 
 @stage
@@ -89,8 +88,7 @@ def baselines(
     """Zero-ablation, mean-ablation and the neuron baseline over a K sweep; one metrics.json each."""
     from pipeline.eval.config import EvalConfig, load_model
     from pipeline.eval.methods import mean_method, neuron_method, zero_method
-    from pipeline.eval.metrics import write_metrics
-    from pipeline.eval.run import evaluate_methods
+    from pipeline.eval.run import evaluate_and_write
     from pipeline.core.layers import parse_layers
 
     cfg = EvalConfig(lm=lm, data=data, ctx=ctx, eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
@@ -101,8 +99,8 @@ def baselines(
     model.check_layers(wanted)
     methods = [zero_method(model, wanted), mean_method(model, cfg, wanted)]
     methods += [neuron_method(model, kk, wanted) for kk in ks]
-    for metrics in evaluate_methods(model, cfg, methods, _modes(modes), progress=progress):
-        print(_summary(metrics, write_metrics(cfg, metrics)))
+    for metrics, path in evaluate_and_write(model, cfg, methods, _modes(modes), progress=progress):
+        print(_summary(metrics, path))
 
 
 @stage

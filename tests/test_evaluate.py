@@ -159,6 +159,29 @@ def test_evaluate_cli_writes_metrics_json(lm, cfg, tmp_path):
     assert m["checkpoints"] == [str(folder / "L0")]
 
 
+def test_a_second_evaluation_of_the_same_output_is_refused_naming_the_holder(lm, cfg, tmp_path):
+    from pipeline.core.io import exclusive_lock
+
+    folder = save_checkpoints(lm, tmp_path / "set", {0: transcoder(0, seed=7)})
+    out = tmp_path / "m" / "metrics.json"
+    args = ("evaluate", "--ckpt", folder, "--eval-tokens", EVAL_TOKENS, "--data-dir", cfg.data_dir, "--out", out,
+            "--no-progress", "--modes", "single")
+    with exclusive_lock(out.with_name(".metrics.json.lock"), what="evaluation"):  # another evaluation holds it
+        result = run_cli(*args)
+    assert result.exit_code == 2 and "in use by pid" in result.output and not out.exists(), result.output
+    assert run_cli(*args).exit_code == 0 and out.exists()
+    assert not out.with_name(".metrics.json.lock").exists()
+
+
+def test_an_unwritable_output_fails_before_the_work(lm, cfg, tmp_path):
+    folder = save_checkpoints(lm, tmp_path / "set", {0: transcoder(0, seed=7)})
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = run_cli("evaluate", "--ckpt", folder, "--eval-tokens", EVAL_TOKENS, "--data-dir", cfg.data_dir,
+                     "--out", blocker / "m" / "metrics.json", "--no-progress", "--modes", "single")
+    assert result.exit_code == 2 and "cannot write the evaluation" in result.output, result.output
+
+
 @pytest.mark.parametrize("case", ["eval_tokens", "other_lm", "other_d", "missing", "empty", "out_for_two"])
 def test_bad_input_gives_one_clear_line_and_exit_2(lm, cfg, tmp_path, case):
     args = ["--eval-tokens", EVAL_TOKENS, "--data-dir", cfg.data_dir, "--no-progress"]

@@ -146,3 +146,22 @@ def evaluate_methods(lm, cfg: EvalConfig, methods: list[EvalMethod], modes: Sequ
         mine = {job.replace: r for job, r in results.items() if job.method == i}
         out.append(method_metrics(lm, cfg, ref, method, mine, modes, seconds))
     return out
+
+
+def evaluate_and_write(lm, cfg: EvalConfig, methods: list[EvalMethod], modes: Sequence[str] = MODES,
+                       progress: bool = False, out=None) -> list[tuple[MethodMetrics, object]]:
+    """``evaluate_methods``, then each ``metrics.json``; fails before the work when an output
+    cannot be written, and holds a lock on every output so two evaluations of the same
+    method cannot run at once (the second names the holder)."""
+    from pathlib import Path
+
+    from pipeline.core.io import check_writable, exclusive_locks
+    from pipeline.eval.metrics import metrics_path, write_metrics
+
+    targets = [Path(out) if out is not None else metrics_path(cfg, m.name) for m in methods]
+    for target in targets:
+        check_writable(target, 1 << 20, "the evaluation")
+    locks = [t.with_name(f".{t.name}.lock") for t in targets]
+    with exclusive_locks(locks, lambda p: f"evaluation {p.with_name(p.name[1:-5])}"):
+        results = evaluate_methods(lm, cfg, methods, modes, progress)
+        return [(m, write_metrics(cfg, m, out)) for m in results]
