@@ -24,7 +24,6 @@ processes, OMP_NUM_THREADS=1 is much faster than two spinning OpenMP threads.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,8 +34,7 @@ from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.data.loader import ActivationLoader, LoaderConfig
 from pipeline.methods.codes import SparseCodes
 from pipeline.methods.kernels import SparsePattern
-from pipeline.data.store import HarvestStore
-from pipeline.data.toy import ToyConfig, write_toy_store
+from common import store_or_toy
 from pipeline.methods.base import TrainJob
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import param_groups, train_step
@@ -140,13 +138,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4096)
     args = ap.parse_args()
-    tmp = None
-    if args.store:
-        store = HarvestStore.open(args.store)
-    else:
-        tmp = tempfile.TemporaryDirectory()
-        store = write_toy_store(Path(tmp.name) / "toy.zarr", ToyConfig(d_model=576, n_features=4608, n_rows=8 * 8192,
-                                                                       mean_active=32))
+    store, tmp = store_or_toy(args.store)
     d, batch, k = store.d_model, args.batch, 32
     print(f"store: {store.root.location} (d={d}, {store.n_rows:,} rows); torch threads: {torch.get_num_threads()}")
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,8 +39,7 @@ import torch
 from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.data.loader import ActivationLoader, LoaderConfig
 from pipeline.methods.sparsity import SparsitySettings
-from pipeline.data.store import HarvestStore
-from pipeline.data.toy import ToyConfig, write_toy_store
+from common import store_or_toy
 from pipeline.methods.base import TrainJob
 from pipeline.train.config import TrainConfig, default_lr
 from pipeline.train.loop import param_groups, train_step
@@ -80,13 +78,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     variants = args.variants.split(",")
-    tmp = None
-    if args.store:
-        store = HarvestStore.open(args.store)
-    else:
-        tmp = tempfile.TemporaryDirectory()
-        store = write_toy_store(Path(tmp.name) / "toy.zarr", ToyConfig(d_model=576, n_features=4608, n_rows=8 * 8192,
-                                                                       mean_active=32))
+    store, tmp = store_or_toy(args.store)
     keys = [(args.layer, "mlp_in"), (args.layer, "mlp_out")]
     print(f"store: {store.root.location} (d={store.d_model}, {store.n_rows:,} rows), layer {args.layer}; "
           f"torch threads: {torch.get_num_threads()}")
