@@ -42,6 +42,8 @@ BATCHTOPK_SAMPLE = 2**16
 
 # JumpReLU log-thresholds learn this many times faster than the weights.
 THRESHOLD_LR_SCALE = 20.0
+# The lowest log-threshold calibration sets (a threshold of ~2e-9: every positive entry fires).
+MIN_LOG_THRESHOLD = -20.0
 
 
 
@@ -456,8 +458,14 @@ class JumpReLU(_TargetL0):
 
         The L0 controller cannot reach its target in a short run (it acts through
         Adam steps that the schedule decays); one common shift keeps the learned
-        relative thresholds and sets only the overall sparsity level."""
-        self.log_threshold.add_(calib.threshold())
+        relative thresholds and sets only the overall sparsity level. Where fewer than
+        k pre-activations per row are positive at all (t = -inf), every threshold goes
+        to the floor ``MIN_LOG_THRESHOLD`` instead: L0 is then as high as a ReLU allows."""
+        t = calib.threshold()
+        if math.isfinite(t):
+            self.log_threshold.add_(t)
+        else:
+            self.log_threshold.fill_(MIN_LOG_THRESHOLD)
 
 
 SPARSITY: dict[str, type[Sparsity]] = {cls.name: cls for cls in (Vanilla, TopK, BatchTopK, JumpReLU)}
