@@ -210,3 +210,50 @@ class DeadLatentsDecode(torch.autograd.Function):
 # AuxK uses the dense dead-latent block (``DeadLatentsDecode``) when k_aux is at
 # least this fraction of the dead latents; CSR products below it.
 AUXK_DENSE_MIN_DENSITY = 0.05
+
+
+# ----- JumpReLU: straight-through estimators with a rectangle kernel (Rajamanoharan et al. 2024) -----
+
+class _Rectangle:
+    @staticmethod
+    def kernel(u: Tensor) -> Tensor:
+        return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a per-entry gradient to a broadcast threshold's shape."""
+    return grad if grad.shape == shape else grad.sum(0)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """z * H(z - t); d/dz = H(z - t), d/dt = -(t / eps) K((z - t) / eps) (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, t = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * (z > t)
+        grad_t = -(t / eps) * _Rectangle.kernel((z - t) / eps) * grad
+        return grad_z, _sum_to(grad_t, t.shape), None
+
+
+class StepFn(torch.autograd.Function):
+    """H(z - t); no gradient to z, d/dt = -(1 / eps) K((z - t) / eps)."""
+
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return (z > threshold).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, t = ctx.saved_tensors
+        eps = ctx.bandwidth
+        return None, _sum_to(-(1.0 / eps) * _Rectangle.kernel((z - t) / eps) * grad, t.shape), None

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.methods import kernels
+import pipeline.methods.kernels as kernels
 from pipeline.methods.kernels import TRAIN_MATMUL_DTYPE
 
 # A row is "massive" when its target norm exceeds this multiple of the median norm.

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.methods.codes import SPARSE_DECODE_MAX_DENSITY, Codes, DenseCodes, SparseCodes
-from pipeline.methods.kernels import TRAIN_MATMUL_DTYPE, SelectedPreacts, SparsePattern, argsort, dense_preacts, preacts
+from pipeline.methods.calibration import L0Calibrator
+from pipeline.methods.kernels import (TRAIN_MATMUL_DTYPE, JumpReLUFn, SelectedPreacts, SparsePattern, StepFn, argsort,
+                                     dense_preacts, preacts)
 
 # BatchTopK first keeps this many x k candidates per row (see BatchTopK.select).
 BATCHTOPK_CANDIDATES = 4
@@ -72,36 +74,6 @@ class SparsitySettings:
                 raise ValueError(f"SparsitySettings.{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.threshold_decay < 1:
             raise ValueError(f"SparsitySettings.threshold_decay must be in (0, 1), got {self.threshold_decay}")
-
-
-class L0Calibrator:
-    """The threshold t with mean over rows of #{scores > t} = k, over many batches, exactly.
-
-    An entry is active at inference iff its score exceeds t, so t is the
-    (k * rows + 1)-th largest score overall. A row can hold more than
-    ``BATCHTOPK_CANDIDATES`` x k of those only in rare cases (``exact`` says
-    whether it happened), so each batch keeps only its rows' top candidates:
-    O(rows x k) memory.
-    """
-
-    def __init__(self, k: int):
-        self.k, self.rows, self.exact = k, 0, True
-        self.parts: list[Tensor] = []
-        self.row_min: list[Tensor] = []
-
-    @torch.no_grad()
-    def add(self, scores: Tensor) -> None:
-        n_cand = min(scores.shape[1], BATCHTOPK_CANDIDATES * self.k + 1)
-        top = scores.float().topk(n_cand, dim=-1, sorted=False).values
-        self.parts.append(top.reshape(-1))
-        self.row_min.append(top.min(dim=1).values)
-        self.rows += scores.shape[0]
-
-    def threshold(self) -> float:
-        values = torch.cat(self.parts)
-        t = values.topk(min(values.numel(), self.k * self.rows + 1), sorted=False).values.min()
-        self.exact = bool((torch.cat(self.row_min) <= t).all())
-        return float(t)
 
 
 class Sparsity(nn.Module):
@@ -343,51 +315,6 @@ class Vanilla(_TargetL0):
         return -calib.threshold()
 
 
-class _Rectangle:
-    @staticmethod
-    def kernel(u: Tensor) -> Tensor:
-        return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
-    """Reduce a per-entry gradient to a broadcast threshold's shape."""
-    return grad if grad.shape == shape else grad.sum(0)
-
-
-class _JumpReLUFn(torch.autograd.Function):
-    """z * H(z - t); d/dz = H(z - t), d/dt = -(t / eps) K((z - t) / eps) (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx, z, threshold, bandwidth: float):
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-        return z * (z > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, t = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_z = grad * (z > t)
-        grad_t = -(t / eps) * _Rectangle.kernel((z - t) / eps) * grad
-        return grad_z, _sum_to(grad_t, t.shape), None
-
-
-class _StepFn(torch.autograd.Function):
-    """H(z - t); no gradient to z, d/dt = -(1 / eps) K((z - t) / eps)."""
-
-    @staticmethod
-    def forward(ctx, z, threshold, bandwidth: float):
-        ctx.save_for_backward(z, threshold)
-        ctx.bandwidth = bandwidth
-        return (z > threshold).to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, t = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return None, _sum_to(-(1.0 / eps) * _Rectangle.kernel((z - t) / eps) * grad, t.shape), None
-
-
 class JumpReLU(_TargetL0):
     """Learned per-latent thresholds, L0 penalty, STE with a rectangle kernel (Gemma Scope)."""
 
@@ -429,7 +356,7 @@ class JumpReLU(_TargetL0):
         pattern = SparsePattern.from_rows(rows, cols, pre.shape[0], self.n_latents)
         z = SelectedPreacts.apply(pre[rows, cols].to(W_enc.dtype), x, W_enc, b_enc, pattern)
         t = threshold[cols]
-        return SparseCodes(_JumpReLUFn.apply(z, t, eps), pattern, step=_StepFn.apply(z, t, eps))
+        return SparseCodes(JumpReLUFn.apply(z, t, eps), pattern, step=StepFn.apply(z, t, eps))
 
     def penalty(self, codes, W_dec):
         return self.coef * codes.step.sum() / codes.pattern.n_rows
