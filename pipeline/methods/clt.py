@@ -69,7 +69,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.layers import layers_label
 from pipeline.methods.base import MethodSpec, ParetoAxes, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
 from pipeline.methods.codes import Codes, DenseCodes
-from pipeline.methods.coder import CoderConfig, SparseCoder, unit_rows
+from pipeline.methods.coder import CoderConfig, SparseCoder, robust_scales, unit_rows
 from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, capped_mse, fvu_metrics, geometric_median
 from pipeline.methods.sparsity import SPARSITY, make_sparsity
 
@@ -156,10 +156,13 @@ class CrossLayerTranscoder(SparseCoder):
 
     @torch.no_grad()
     def init_from_batch(self, x: dict[int, Tensor], y: dict[int, Tensor]) -> None:
-        """Massive-row thresholds, b_dec at the geometric median, JumpReLU thresholds: per layer."""
+        """Robust scales, massive-row thresholds, b_dec at the geometric median, JumpReLU thresholds: per layer."""
         for p, layer in enumerate(self.cfg.layers):
             target = y[layer].float()
             self.massive_norm[p] = MASSIVE_FACTOR * target.norm(dim=-1).median()
+            if self.cfg.normalize:
+                self.b_dec[p].mul_(robust_scales(self.input_scale[p], self.target_scale[p], x[layer], target,
+                                                 self.cfg.d_in, self.cfg.d_out))
             if self.cfg.b_dec_init == "geometric_median":
                 self.b_dec[p] = geometric_median(target * self.target_scale[p])
             calibrate = getattr(self.sparsity[p], "calibrate", None)

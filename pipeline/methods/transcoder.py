@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from pipeline.core.errors import UserError
 from pipeline.methods.base import MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
 from pipeline.methods.codes import Codes
-from pipeline.methods.coder import ENCODER_INIT_SCALE, CoderConfig, SparseCoder, unit_rows
+from pipeline.methods.coder import ENCODER_INIT_SCALE, CoderConfig, SparseCoder, robust_scales, unit_rows
 from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, capped_mse, fvu_metrics, geometric_median
 from pipeline.methods.sparsity import SPARSITY, make_sparsity
 
@@ -90,8 +90,11 @@ class Transcoder(SparseCoder):
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor, y: Tensor) -> None:
-        """Data-dependent pieces of the init: massive-row threshold, b_dec, JumpReLU thresholds."""
-        self.massive_norm.fill_(MASSIVE_FACTOR * y.float().norm(dim=-1).median())
+        """Data-dependent pieces of the init: robust scales, massive-row threshold, b_dec, JumpReLU thresholds."""
+        median = y.float().norm(dim=-1).median()
+        self.massive_norm.fill_(MASSIVE_FACTOR * median)
+        if self.cfg.normalize:
+            self.b_dec.mul_(robust_scales(self.input_scale, self.target_scale, x, y, self.cfg.d_in, self.cfg.d_out))
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(y.float() * self.target_scale))
         calibrate = getattr(self.sparsity, "calibrate", None)
