@@ -58,7 +58,7 @@ override check_text = $(if $(2),$(if $(filter xx,x$(call drop,$(call visible,$(2
 override V.INT     := TOKENS CTX SHARDS CHUNK_ROWS SEED EVAL_TOKENS BATCH_SIZE LATENTS DEMO_TOKENS DEMO_LATENTS DEMO_EVAL_TOKENS BENCH_LAYER BENCH_TOKENS
 override V.INTS    := K PARETO_K DEMO_K
 override V.LAYERS  := LAYERS
-override V.FLOAT   := EPOCHS LR
+override V.FLOAT   := EPOCHS LR DEMO_EPOCHS
 override V.WORD    := DTYPE COMPRESSOR KIND WANDB FORMAT
 override V.WORDS   := MODEL PARETO_MODELS DEMO_MODELS
 override V.PATH    := LM DATA DATA_DIR VENV INSTALLED OUT BENCH_STORE
@@ -88,6 +88,7 @@ INSTALLED ?= $(VENV)/.installed
 # The demo trains fewer things well: TopK, BatchTopK and JumpReLU at one K; vanilla (its L0 lands
 # 10-25% off K at this budget) and the CLT are left to `make pareto`.
 DEMO_TOKENS      ?= 100000
+DEMO_EPOCHS      ?= 2
 DEMO_LATENTS     ?= 2304
 DEMO_EVAL_TOKENS ?= 2048
 DEMO_K           ?= 32
@@ -236,8 +237,8 @@ pareto: $(REPORT_DONE) ## the default comparison: PARETO_MODELS x PARETO_K on LA
 
 # ---- demo: the same chain at a small budget -------------------------------------------
 demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at DEMO_* budgets
-	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) LATENTS=$(DEMO_LATENTS) EVAL_TOKENS=$(DEMO_EVAL_TOKENS) \
-	  PARETO_K=$(DEMO_K) PARETO_MODELS=$(DEMO_MODELS)
+	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) EPOCHS=$(DEMO_EPOCHS) LATENTS=$(DEMO_LATENTS) \
+	  EVAL_TOKENS=$(DEMO_EVAL_TOKENS) PARETO_K=$(DEMO_K) PARETO_MODELS=$(DEMO_MODELS)
 
 clean-data: ## delete what the pipeline wrote under DATA_DIR (models harvest train eval reports stamps)
 	$(PYTHON) -m pipeline.core.paths clean-data --data-dir $(DATA_DIR)

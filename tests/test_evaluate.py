@@ -170,6 +170,8 @@ def test_a_second_evaluation_of_the_same_output_is_refused_naming_the_holder(lm,
         result = run_cli(*args)
     assert result.exit_code == 2 and "in use by pid" in result.output and not out.exists(), result.output
     assert run_cli(*args).exit_code == 0 and out.exists()
+    again = run_cli(*args)  # over the existing metrics.json
+    assert again.exit_code == 0, again.output
     assert not out.with_name(".metrics.json.lock").exists()
 
 

@@ -160,7 +160,7 @@ def evaluate_and_write(lm, cfg: EvalConfig, methods: list[EvalMethod], modes: Se
 
     targets = [Path(out) if out is not None else metrics_path(cfg, m.name) for m in methods]
     for target in targets:
-        check_writable(target, 1 << 20, "the evaluation")
+        check_writable(target.parent, 1 << 20, "the evaluation")
     locks = [t.with_name(f".{t.name}.lock") for t in targets]
     with exclusive_locks(locks, lambda p: f"evaluation {p.with_name(p.name[1:-5])}"):
         results = evaluate_methods(lm, cfg, methods, modes, progress)
