@@ -17,9 +17,10 @@ re-layout.
 Choices, and why:
 
 - **Normalisation.** As in ``Transcoder``: each layer's input and target get
-  a fixed scalar scale (E||x||^2 = d, from the store's ``mean_sq_norm``),
-  applied inside and undone in ``decode_layer``; every metric is in model
-  units.
+  a fixed scalar scale (a median row of the first batch has norm sqrt(d),
+  ``coder.robust_scales``), applied inside and undone in ``decode_layer``;
+  every metric is in model units. (The figures below were measured when the
+  scale came from E||y||^2; the argument holds for either per-layer constant.)
 - **Loss: a sum of per-layer normalised MSEs**, sum_j mean((y_hat_j - y_j)^2)
   in each layer's normalised units, i.e. sum_j MSE_j / E||y_j||^2. Raw MSE
   would let the layer with the largest outputs dominate: in SmolLM2 (bbc,
