@@ -88,7 +88,7 @@ def _created_dirs(folder: Path) -> list[Path]:
         missing.append(folder)
         folder = folder.parent
     for d in reversed(missing):
-        d.mkdir(exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)  # parents: a releasing holder may remove one meanwhile
     return missing
 
 
@@ -121,7 +121,10 @@ def _acquire(path: Path, blocking: bool, what: str):
     """Open and flock ``path``; retry when the file was replaced or removed meanwhile."""
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)  # a releasing holder may have removed it
-        f = open(path, "a+")
+        try:
+            f = open(path, "a+")
+        except FileNotFoundError:  # ... between the mkdir and the open: try again
+            continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
