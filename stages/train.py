@@ -34,7 +34,7 @@ def train(
     k: str = typer.Option(defaults.K, help="k (topk/batchtopk) or target L0 (vanilla/jumprelu); comma list = sweep"),
     kind: str = typer.Option(defaults.KIND, help="transcoder (mlp_in -> mlp_out) or sae (mlp_out -> mlp_out)"),
     layers: str = typer.Option(defaults.LAYERS, help="layers, e.g. 0-3 or 0,2"),
-    latents: int = typer.Option(defaults.LATENTS, help="dictionary width; 0 = 8 x d_model"),
+    latents: int = typer.Option(defaults.LATENTS, help=f"dictionary width; 0 = {defaults.WIDTH_PER_D_MODEL} x d_model"),
     tokens: int = typer.Option(defaults.TRAIN_TOKENS, help="store rows used per epoch; 0 = the whole store"),
     epochs: float = typer.Option(defaults.EPOCHS, help="passes over those rows (more than 1 reuses data, with a warning)"),
     lr: float = typer.Option(defaults.LR, help="learning rate; default 2e-3 / sqrt(latents / 2^14)"),
@@ -59,7 +59,7 @@ def train(
     if not epochs > 0:
         raise UserError(f"EPOCHS must be positive, got {epochs}")
     if latents is not None and latents < 0:
-        raise UserError(f"LATENTS={latents} must be a positive dictionary width (0 or unset: 8 x d_model)")
+        raise UserError(f"LATENTS={latents} must be a positive dictionary width (0 or unset: {defaults.WIDTH_PER_D_MODEL} x d_model)")
     if tokens < 0:
         raise UserError(f"TOKENS must be >= 0, got {tokens}")
     if kind not in KIND_HOOKS:
@@ -74,7 +74,7 @@ def train(
     cfg = TrainConfig(tokens=int(rows * epochs), batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed,
                       wandb=wandb, checkpoint_every_s=checkpoint_every, checkpoint_every_steps=checkpoint_every_steps,
                       progress=progress)
-    jobs = build_jobs(variants, store=store, ks=tuple(ks), layers=tuple(layer_list), n_latents=latents or 8 * store.d_model,
+    jobs = build_jobs(variants, store=store, ks=tuple(ks), layers=tuple(layer_list), n_latents=latents or defaults.WIDTH_PER_D_MODEL * store.d_model,
                       seed=seed, kind=kind, out=lambda group, name: paths.checkpoint(data_dir, lm, data, ctx, group, name))
     keys = sorted({key for j in jobs for key in j.keys()})  # a CLT reads many
 

@@ -36,6 +36,12 @@ from pipeline.methods.sparsity import SPARSITY, SparsitySettings
 
 ENCODER_INIT_SCALE = 0.1  # W_enc rows start at norm 0.1 (Conerly et al. 2024 start W_dec there)
 B_DEC_INITS = ("mean", "geometric_median")
+ENCODER_INITS = ("linear", "random")
+# Where the linear init helped (same tokens and seeds; SmolLM2, 2304 latents, 200k tokens):
+# TopK k=8 layer 0 held-out FVU 0.328 -> 0.236, BatchTopK 0.334 -> 0.258, dead <= 5% either
+# way. JumpReLU and vanilla, whose thresholds and penalty set who fires, did worse with it
+# (JumpReLU k=8 layer 2: 34% dead against 16%; k=32 layer 1 FVU 0.415 against 0.378).
+LINEAR_INIT_VARIANTS = ("topk", "batchtopk")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,10 @@ class CoderConfig:
     b_dec_init: str = "geometric_median"
     # Weight each row's squared error by min(1, (massive_norm / ||y||)^2) (``losses.capped_mse``).
     cap_massive_rows: bool = True
+    # "linear": a transcoder's encoder rows start at W_dec A^T, A the ridge map x -> y of the
+    # first batch, with pre-activations centred (``linear_tied_encoder``); "random": unit rows;
+    # "" picks by variant (``LINEAR_INIT_VARIANTS``).
+    encoder_init: str = ""
     settings: SparsitySettings = field(default_factory=SparsitySettings)
 
     METHOD = ""  # the subclass's discriminator value
@@ -82,6 +92,10 @@ class CoderConfig:
             raise UserError(f"K={self.k} is out of range: it must satisfy 0 < K < LATENTS={self.n_latents}")
         if self.b_dec_init not in B_DEC_INITS:
             raise UserError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
+        if not self.encoder_init:
+            object.__setattr__(self, "encoder_init", "linear" if self.variant in LINEAR_INIT_VARIANTS else "random")
+        if self.encoder_init not in ENCODER_INITS:
+            raise UserError(f"encoder_init must be one of {', '.join(ENCODER_INITS)}, got {self.encoder_init!r}")
         if self.aux_k < 0 or self.aux_coef < 0:
             raise UserError(f"aux_k and aux_coef must be >= 0, got {self.aux_k}, {self.aux_coef}")
 
@@ -101,6 +115,28 @@ def robust_scales(input_scale: Tensor, target_scale: Tensor, x: Tensor, y: Tenso
     input_scale.fill_(d_in ** 0.5 / float(x.float().norm(dim=-1).median().clamp_min(1e-12)))
     target_scale.fill_(d_out ** 0.5 / float(y.float().norm(dim=-1).median().clamp_min(1e-12)))
     return float(target_scale) / before
+
+
+@torch.no_grad()
+def linear_tied_encoder(x: Tensor, y: Tensor, W_dec: Tensor, ridge: float = 1e-2) -> tuple[Tensor, Tensor]:
+    """The transcoder's analogue of the tied init of an SAE: encoder rows ``W_dec A^T``
+    (unit norm), ``A`` the ridge regression of centred ``y`` on centred ``x``, so a latent
+    starts reading the input direction that linearly predicts its own output direction;
+    the bias centres the pre-activations on the batch mean. Returns (W_enc, b_enc).
+
+    An SAE (A = I) starts tied already. Random encoder rows on uncentred inputs leave
+    the latents that point away from the input mean below the top k from the first
+    step: on SmolLM2 layer 0 (TopK k=8, 4608 latents, 200k tokens) 45% of latents
+    were dead at the end and held-out FVU was 0.304; centring alone gave 44% / 0.271;
+    this init 33% / 0.232. Layer 1, k=32, 2304 latents: dead 3.2% -> 0.2%, FVU equal."""
+    mean = x.mean(0)
+    xc, yc = x - mean, y - y.mean(0)
+    gram = xc.T @ xc
+    gram.diagonal().add_(ridge * float(gram.diagonal().mean()))
+    A = torch.linalg.solve(gram, xc.T @ yc)  # [d_in, d_out]: x A ~ y
+    W = W_dec @ A.T
+    W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return W, -(W @ mean)
 
 
 def unit_rows(gen: torch.Generator, n: int, d: int) -> Tensor:

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from pipeline.core.errors import UserError
 from pipeline.methods.base import MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
 from pipeline.methods.codes import Codes
-from pipeline.methods.coder import ENCODER_INIT_SCALE, CoderConfig, SparseCoder, robust_scales, unit_rows
+from pipeline.methods.coder import (ENCODER_INIT_SCALE, CoderConfig, SparseCoder, linear_tied_encoder,
+                                   robust_scales, unit_rows)
 from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, capped_mse, fvu_metrics, geometric_median
 from pipeline.methods.sparsity import SPARSITY, make_sparsity
 
@@ -97,6 +98,10 @@ class Transcoder(SparseCoder):
             self.b_dec.mul_(robust_scales(self.input_scale, self.target_scale, x, y, self.cfg.d_in, self.cfg.d_out))
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(y.float() * self.target_scale))
+        if self.cfg.kind == "transcoder" and self.cfg.encoder_init == "linear":
+            W, b = linear_tied_encoder(x.float() * self.input_scale, y.float() * self.target_scale, self.W_dec)
+            self.W_enc.copy_(W * ENCODER_INIT_SCALE)
+            self.b_enc.copy_(b * ENCODER_INIT_SCALE)
         calibrate = getattr(self.sparsity, "calibrate", None)
         if calibrate is not None:
             calibrate(torch.addmm(self.b_enc, x.float() * self.input_scale, self.W_enc.T))

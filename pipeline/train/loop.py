@@ -200,8 +200,8 @@ def fit(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: 
     calibration = calibrate(jobs, loader, cfg)
     for j in jobs:
         meta = {**j.metadata, "train_hash": hashes[j.name], "train": cfg.result_fields(), "steps": run.step,
-                "tokens": run.step * cfg.batch_size, "dead_window_tokens": cfg.dead_tokens,
-                "dead_fraction": float(j.module.dead_mask(cfg.dead_tokens).float().mean()),
+                "tokens": run.step * cfg.batch_size, "dead_window_tokens": cfg.report_dead_tokens,
+                "dead_fraction": float(j.module.dead_mask(cfg.report_dead_tokens).float().mean()),
                 "calibration": calibration.get(j.name), "input_key": list(j.input_key), "target_key": list(j.target_key),
                 "final": run.history[j.name][-1] if run.history[j.name] else {},
                 "tokens_per_s_run": tokens_done / elapsed if elapsed > 0 else None,
