@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.methods.transcoder import Transcoder, TranscoderConfig
-from pipeline.eval.splice import DecompositionSplice, final_hidden, logits
+from pipeline.eval.splice import DecompositionSplice, EditedSplice, final_hidden, logits
 from pipeline.methods.transcoder import LayerwiseDecomposition
 
 D = 64  # tiny-llama d_model
@@ -188,3 +188,44 @@ def test_clt_is_spliced_live_with_cross_layer_contributions(lm, tokens):
     assert list(records) == [2]
     with torch.no_grad():
         torch.testing.assert_close(records[2], clt(clean_inputs)[2], rtol=1e-5, atol=1e-6)
+
+
+# ----- edits with the error added back ------------------------------------------------
+
+def _clean_logits(lm, tokens):
+    return logits(lm, final_hidden(lm, tokens, []).reshape(-1, D)).reshape(*tokens.shape, -1)
+
+
+@pytest.mark.parametrize("which", ["per-layer", "clt"])
+def test_an_edit_that_changes_nothing_is_the_clean_model_to_the_last_bit(lm, tokens, which):
+    layers = [0, 1, 2]
+    dec = make_clt(layers, seed=30) if which == "clt" else LayerwiseDecomposition({l: transcoder(l, seed=l) for l in layers})
+    clean = _clean_logits(lm, tokens)
+    for edit in (lambda i, a: a, lambda i, a: a.clone()):  # no edit; an edit to the same values
+        got = spliced_logits(lm, tokens, EditedSplice(dec, edit), layers)
+        assert torch.equal(got, clean)
+
+
+def test_an_ablation_moves_only_what_the_ablated_latents_wrote(lm, tokens):
+    t = transcoder(1, seed=3)
+    dec = LayerwiseDecomposition({1: t})
+    rec = {}
+    spliced_logits(lm, tokens, EditedSplice(dec, lambda i, a: a), [1],
+                   lambda layer, target, out, acts: rec.update(target=target, acts=acts))
+    fired = (rec["acts"] > 0).sum(0)
+    latent = int(fired.argmax())
+    assert fired[latent] > 0
+
+    def ablate(i, a):
+        a = a.clone()
+        a[:, latent] = 0
+        return a
+
+    got = {}
+    spliced_logits(lm, tokens, EditedSplice(dec, ablate), [1], lambda layer, target, out, acts: got.update(out=out, target=target))
+    # at layer 1 the stream upstream is clean, so the real output is the clean one and the
+    # change is exactly the ablated latent's decoder row times its activation
+    with torch.no_grad():
+        want = rec["target"] - rec["acts"][:, latent:latent + 1] * t.W_dec[latent] / t.target_scale
+    torch.testing.assert_close(got["out"], want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(spliced_logits(lm, tokens, EditedSplice(dec, ablate), [1]), _clean_logits(lm, tokens))
