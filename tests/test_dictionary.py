@@ -170,13 +170,19 @@ def test_calibration_sets_eval_l0_to_k_on_the_calibration_rows(variant):
         d.b_enc.normal_(0, 0.3)
         d.W_enc.normal_(0, 1.0)
     x = torch.randn(2000, 12)
-    if variant == "jumprelu":
-        d.init_from_batch(x, x)
+    x[::20] *= 8  # 5% of rows far larger: at the threshold they hold many more than 4k active entries
+    if variant == "jumprelu":  # other rows: thresholds set from x itself would tie with its entries
+        d.init_from_batch(torch.randn(500, 12), torch.randn(500, 12))
     d.eval()
     calibs = d.start_calibration()
-    for part in x.split(500):
-        d.add_calibration(calibs, part)
+    for second in (False, True):
+        if second:
+            d.next_calibration_pass(calibs)
+        for part in x.split(500):
+            d.add_calibration(calibs, part)
     info = d.finish_calibration(calibs)
+    heavy = float((d.encode(x[::20]) != 0).float().sum(1).mean())
+    assert heavy > 4 * 5 + 1, heavy  # rows a one-pass top-4k calibration would have truncated
     assert info["rows"] == 2000 and info["exact"]
     l0 = float((d.encode(x) != 0).float().sum(1).mean())
     assert l0 == pytest.approx(5.0, abs=1e-3), l0

@@ -86,6 +86,9 @@ class Trainable(Protocol):
 
     def add_calibration(self, calibs: Any, x: Any) -> None: ...
 
+    def next_calibration_pass(self, calibs: Any) -> None:
+        """Between the two passes over the same calibration rows (``L0Calibrator``)."""
+
     def finish_calibration(self, calibs: Any) -> dict: ...
 
     def config_dict(self) -> dict: ...

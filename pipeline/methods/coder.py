@@ -209,6 +209,10 @@ class SparseCoder(nn.Module):
         for calib, piece, pre in zip(calibs, self.sparsity_pieces(), self.calibration_preacts(x)):
             calib.add(piece.calibration_scores(pre))
 
+    def next_calibration_pass(self, calibs) -> None:
+        for calib in calibs:
+            calib.next_pass()
+
     @torch.no_grad()
     def finish_calibration(self, calibs) -> dict:
         shifts = []

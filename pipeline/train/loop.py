@@ -221,13 +221,19 @@ def calibrate(jobs: list[TrainJob], loader: ActivationLoader, cfg: TrainConfig) 
     todo = [j for j in jobs if calibs[j.name] is not None]
     if not todo or cfg.calibration_tokens <= 0:
         return {}
-    rows = 0
+    keys = {k for j in todo for k in as_keys(j.input_key)}
+    kept, rows = [], 0  # the rows are read once and fed twice (L0Calibrator's two passes)
     for batch in loader:
-        for j in todo:
-            j.module.add_calibration(calibs[j.name], select(batch, j.input_key))
+        kept.append({k: batch[k] for k in keys})
         rows += cfg.batch_size
         if rows >= cfg.calibration_tokens:
             break
+    for second in (False, True):
+        for j in todo:
+            if second:
+                j.module.next_calibration_pass(calibs[j.name])
+            for batch in kept:
+                j.module.add_calibration(calibs[j.name], select(batch, j.input_key))
     return {j.name: j.module.finish_calibration(calibs[j.name]) for j in todo}
 
 
