@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.methods.losses import capped_mse, fvu_metrics
+from pipeline.methods.losses import auxk_loss, cap_weights, capped_mse, fvu_metrics
 from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.core.errors import UserError
 
@@ -191,3 +191,29 @@ def test_calibration_sets_eval_l0_to_k_on_the_calibration_rows(variant):
 
 def test_topk_has_nothing_to_calibrate():
     assert make(variant="topk").start_calibration() is None
+
+
+def test_auxk_weights_massive_rows_like_the_main_loss():
+    """AuxK with the cap weights: a massive row counts as a row at the cap, so it cannot own
+    the dead latents; with every weight 1 it is the plain AuxK."""
+    torch.manual_seed(0)
+    n, d_in, d_out, rows = 24, 8, 6, 64
+    W_enc, b_enc, W_dec = torch.randn(n, d_in), torch.zeros(n), torch.randn(n, d_out)
+    x = torch.randn(rows, d_in)
+    pre = x @ W_enc.T
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[::3] = True
+    residual = torch.randn(rows, d_out)
+    residual[0] *= 100  # one massive row: almost all of the energy
+    plain = auxk_loss(pre, dead, x, W_enc, b_enc, W_dec, residual, 4, 1.0, torch.float32)
+    ones = auxk_loss(pre, dead, x, W_enc, b_enc, W_dec, residual, 4, 1.0, torch.float32, torch.ones(rows, 1))
+    assert torch.allclose(plain, ones)
+    w = cap_weights(residual, torch.tensor(5.0 * float(residual.norm(dim=-1).median())))
+    assert w[0] < 0.01 and (w[1:] > 0.99).all()  # the massive row counts as a row at the cap
+    # rows are weighted, not resampled: weight 0 on the massive row is AuxK on the other rows
+    drop = torch.ones(rows, 1)
+    drop[0] = 0
+    without = auxk_loss(pre[1:], dead, x[1:], W_enc, b_enc, W_dec, residual[1:], 4, 1.0, torch.float32)
+    assert torch.allclose(auxk_loss(pre, dead, x, W_enc, b_enc, W_dec, residual, 4, 1.0, torch.float32, drop), without)
+    capped = auxk_loss(pre, dead, x, W_enc, b_enc, W_dec, residual, 4, 1.0, torch.float32, w[:, None])
+    assert abs(float(capped - without)) < abs(float(plain - without))

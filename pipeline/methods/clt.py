@@ -71,7 +71,7 @@ from pipeline.core.layers import layers_label
 from pipeline.methods.base import MethodSpec, ParetoAxes, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
 from pipeline.methods.codes import Codes, DenseCodes
 from pipeline.methods.coder import CoderConfig, SparseCoder, robust_scales, unit_rows
-from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, capped_mse, fvu_metrics, geometric_median
+from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, cap_weights, capped_mse, fvu_metrics, geometric_median
 from pipeline.methods.sparsity import SPARSITY, make_sparsity
 
 # MODEL=clt is clt-batchtopk: its inference threshold exports exactly to circuit-tracer.
@@ -242,7 +242,7 @@ class CrossLayerTranscoder(SparseCoder):
                 for q in range(len(layers))]
         recon = torch.stack([capped_mse(err, target, cap) for err, target, cap in zip(errs, yn, caps)]).sum()
         penalty = torch.stack([self.sparsity[p].penalty(c, self.W_dec[p].flatten(1)) for p, c in enumerate(codes)]).sum()
-        aux = self._auxk(xn, errs, codes, dead)
+        aux = self._auxk(xn, errs, codes, dead, yn, caps)
         out = StepOutput(recon + penalty + aux, recon, penalty, aux, dict(zip(layers, codes)))
         if with_metrics:
             out.metrics = self._metrics(errs, yn, codes)
@@ -263,7 +263,8 @@ class CrossLayerTranscoder(SparseCoder):
         # Headline numbers: means over layers, so no layer's scale dominates them (as in the loss).
         return metrics | {name: torch.stack(v).nanmean() for name, v in per.items()}
 
-    def _auxk(self, xn: list[Tensor], errs: list[Tensor], codes: list[Codes], dead: Tensor | None) -> Tensor:
+    def _auxk(self, xn: list[Tensor], errs: list[Tensor], codes: list[Codes], dead: Tensor | None,
+              yn: list[Tensor], caps: list[Tensor | None]) -> Tensor:
         zero = torch.zeros((), device=xn[0].device)
         if not self.sparsity[0].uses_auxk or dead is None or not self.training:
             return zero
@@ -273,8 +274,16 @@ class CrossLayerTranscoder(SparseCoder):
                 residual = torch.cat([e.detach() for e in errs[p:]], dim=1)  # the layers source p writes to
                 terms.append(auxk_loss(c.preacts, dead[p], xn[p], self.W_enc[p], self.b_enc[p],
                                        self.W_dec[p].flatten(1), residual, self.cfg.k_aux, self.cfg.aux_coef,
-                                       self.sparsity[p].matmul_dtype()))
+                                       self.sparsity[p].matmul_dtype(), self._aux_weight(yn[p:], caps[p:])))
         return torch.stack(terms).sum()
+
+    def _aux_weight(self, yn: list[Tensor], caps: list[Tensor | None]) -> Tensor | None:
+        """Each target layer's cap weights over its slice of the concatenated residual."""
+        ws = [cap_weights(y, c) for y, c in zip(yn, caps)] if self.cfg.aux_capped else []
+        if all(w is None for w in ws):
+            return None
+        return torch.cat([(torch.ones(len(y), device=y.device) if w is None else w)[:, None].expand(-1, y.shape[1])
+                          for y, w in zip(yn, ws)], dim=1)
 
     @torch.no_grad()
     def after_step(self, out: StepOutput, n_tokens: int) -> None:

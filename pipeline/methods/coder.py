@@ -37,11 +37,15 @@ from pipeline.methods.sparsity import SPARSITY, SparsitySettings
 ENCODER_INIT_SCALE = 0.1  # W_enc rows start at norm 0.1 (Conerly et al. 2024 start W_dec there)
 B_DEC_INITS = ("mean", "geometric_median")
 ENCODER_INITS = ("linear", "random")
-# Where the linear init helped (same tokens and seeds; SmolLM2, 2304 latents, 200k tokens):
-# TopK k=8 layer 0 held-out FVU 0.328 -> 0.236, BatchTopK 0.334 -> 0.258, dead <= 5% either
-# way. JumpReLU and vanilla, whose thresholds and penalty set who fires, did worse with it
-# (JumpReLU k=8 layer 2: 34% dead against 16%; k=32 layer 1 FVU 0.415 against 0.378).
-LINEAR_INIT_VARIANTS = ("topk", "batchtopk")
+# Where the linear init helps (same tokens and seeds; SmolLM2, 2304 latents): TopK k=8 layer 0
+# held-out FVU 0.328 -> 0.236 (200k tokens), layer 1 k=32 dead 3.2% -> 0.2% at equal FVU.
+# BatchTopK gained on layer 0 (0.334 -> 0.185) but lost badly on layer 2 (FVU on the
+# non-massive rows 0.51 -> 0.90, 400k tokens, with the cap-weighted fit too): its batch-wide
+# selection gives the rows whose linear prediction is large, the massive ones, most of the
+# batch's budget, where TopK's per-row budget is immune. JumpReLU and vanilla, whose
+# thresholds and penalty set who fires, did worse with it (JumpReLU k=8 layer 2: 34% dead
+# against 16%; k=32 layer 1 FVU 0.415 against 0.378). So TopK only.
+LINEAR_INIT_VARIANTS = ("topk",)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class CoderConfig:
     b_dec_init: str = "geometric_median"
     # Weight each row's squared error by min(1, (massive_norm / ||y||)^2) (``losses.capped_mse``).
     cap_massive_rows: bool = True
+    aux_capped: bool = True  # AuxK rows weighted like the main loss's (``losses.auxk_loss``)
     # "linear": a transcoder's encoder rows start at W_dec A^T, A the ridge map x -> y of the
     # first batch, with pre-activations centred (``linear_tied_encoder``); "random": unit rows;
     # "" picks by variant (``LINEAR_INIT_VARIANTS``).
@@ -118,22 +123,28 @@ def robust_scales(input_scale: Tensor, target_scale: Tensor, x: Tensor, y: Tenso
 
 
 @torch.no_grad()
-def linear_tied_encoder(x: Tensor, y: Tensor, W_dec: Tensor, ridge: float = 1e-2) -> tuple[Tensor, Tensor]:
+def linear_tied_encoder(x: Tensor, y: Tensor, W_dec: Tensor, weight: Tensor | None = None,
+                        ridge: float = 1e-2) -> tuple[Tensor, Tensor]:
     """The transcoder's analogue of the tied init of an SAE: encoder rows ``W_dec A^T``
     (unit norm), ``A`` the ridge regression of centred ``y`` on centred ``x``, so a latent
     starts reading the input direction that linearly predicts its own output direction;
-    the bias centres the pre-activations on the batch mean. Returns (W_enc, b_enc).
+    the bias centres the pre-activations on the batch mean. ``weight``: per-row weights of
+    the fit (the loss's massive-row cap weights; unweighted, a few massive rows set A, and
+    BatchTopK on SmolLM2 layer 2 then spent its batch budget on them: FVU 0.90 on the other
+    rows against 0.51 with random rows). Returns (W_enc, b_enc).
 
     An SAE (A = I) starts tied already. Random encoder rows on uncentred inputs leave
     the latents that point away from the input mean below the top k from the first
     step: on SmolLM2 layer 0 (TopK k=8, 4608 latents, 200k tokens) 45% of latents
     were dead at the end and held-out FVU was 0.304; centring alone gave 44% / 0.271;
     this init 33% / 0.232. Layer 1, k=32, 2304 latents: dead 3.2% -> 0.2%, FVU equal."""
-    mean = x.mean(0)
-    xc, yc = x - mean, y - y.mean(0)
-    gram = xc.T @ xc
+    w = torch.ones(len(x), device=x.device) if weight is None else weight
+    w = (w / w.sum())[:, None]
+    mean = (w * x).sum(0)
+    xc, yc = x - mean, y - (w * y).sum(0)
+    gram = xc.T @ (w * xc)
     gram.diagonal().add_(ridge * float(gram.diagonal().mean()))
-    A = torch.linalg.solve(gram, xc.T @ yc)  # [d_in, d_out]: x A ~ y
+    A = torch.linalg.solve(gram, xc.T @ (w * yc))  # [d_in, d_out]: x A ~ y
     W = W_dec @ A.T
     W /= W.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return W, -(W @ mean)

@@ -22,16 +22,24 @@ from pipeline.methods.kernels import TRAIN_MATMUL_DTYPE
 MASSIVE_FACTOR = 5.0
 
 
+def cap_weights(y: Tensor, cap: Tensor | None) -> Tensor | None:
+    """Per-row loss weights min(1, (cap / ||y||)^2); None when nothing is capped."""
+    if cap is None or not torch.isfinite(cap):
+        return None
+    return (cap / y.norm(dim=-1).clamp_min(1e-12)).clamp(max=1).pow(2)
+
+
 def capped_mse(err: Tensor, y: Tensor, cap: Tensor | None) -> Tensor:
     """Mean squared error per element; rows with ||y|| > cap weighted by (cap / ||y||)^2."""
-    if cap is None or not torch.isfinite(cap):
+    weight = cap_weights(y, cap)
+    if weight is None:
         return err.pow(2).mean()
-    weight = (cap / y.norm(dim=-1).clamp_min(1e-12)).clamp(max=1).pow(2)
     return (err.pow(2).sum(-1) * weight).sum() / err.numel()
 
 
 def auxk_loss(preacts: Tensor, dead: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor,
-              residual: Tensor, k_aux: int, coef: float, dtype: torch.dtype = TRAIN_MATMUL_DTYPE) -> Tensor:
+              residual: Tensor, k_aux: int, coef: float, dtype: torch.dtype = TRAIN_MATMUL_DTYPE,
+              weight: Tensor | None = None) -> Tensor:
     """AuxK (Gao et al. 2024): the top ``k_aux`` dead latents per row learn to
     explain ``residual``; normalised by its energy.
 
@@ -40,6 +48,10 @@ def auxk_loss(preacts: Tensor, dead: Tensor, x: Tensor, W_enc: Tensor, b_enc: Te
     row). Same loss and selection either way; the dense block over the dead
     columns (``DeadLatentsDecode``, matmuls in ``dtype``) when the selection
     fills at least kernels.AUXK_DENSE_MIN_DENSITY of it, CSR products (fp32) otherwise.
+    ``weight`` (broadcast to ``residual``: the main loss's massive-row cap
+    weights, ``cap_weights``) keeps a few massive rows from owning the dead latents: unweighted, their
+    residuals are most of the energy, the dead latents learn them and stay
+    dead on every other row.
     (AuxK on a quarter of the rows was tried: 17.8% dead vs 14.2% after 200
     steps on SmolLM2 layer 3; so every row takes part.)
     """
@@ -57,7 +69,10 @@ def auxk_loss(preacts: Tensor, dead: Tensor, x: Tensor, W_enc: Tensor, b_enc: Te
         pattern = kernels.SparsePattern.from_topk(dead_idx[local], W_dec.shape[0])
         values = kernels.SelectedPreacts.apply(values.reshape(-1).to(W_enc.dtype), x, W_enc, b_enc, pattern)
         recon = kernels.SparseDecode.apply(F.relu(values), W_dec, pattern)
-    return coef * (recon - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
+    miss, energy = (recon - residual).pow(2), residual.pow(2)
+    if weight is not None:
+        miss, energy = miss * weight, energy * weight
+    return coef * miss.sum() / energy.sum().clamp_min(1e-12)
 
 
 def fvu(err: Tensor, y: Tensor) -> Tensor:

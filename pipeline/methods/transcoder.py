@@ -25,7 +25,7 @@ from pipeline.methods.base import MethodSpec, StepOutput, TrainJob, TrainRequest
 from pipeline.methods.codes import Codes
 from pipeline.methods.coder import (ENCODER_INIT_SCALE, CoderConfig, SparseCoder, linear_tied_encoder,
                                    robust_scales, unit_rows)
-from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, capped_mse, fvu_metrics, geometric_median
+from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, cap_weights, capped_mse, fvu_metrics, geometric_median
 from pipeline.methods.sparsity import SPARSITY, make_sparsity
 
 KINDS = ("transcoder", "sae")
@@ -99,7 +99,9 @@ class Transcoder(SparseCoder):
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(y.float() * self.target_scale))
         if self.cfg.kind == "transcoder" and self.cfg.encoder_init == "linear":
-            W, b = linear_tied_encoder(x.float() * self.input_scale, y.float() * self.target_scale, self.W_dec)
+            yn = y.float() * self.target_scale
+            cap = self.massive_norm * self.target_scale if self.cfg.cap_massive_rows else None
+            W, b = linear_tied_encoder(x.float() * self.input_scale, yn, self.W_dec, cap_weights(yn, cap))
             self.W_enc.copy_(W * ENCODER_INIT_SCALE)
             self.b_enc.copy_(b * ENCODER_INIT_SCALE)
         calibrate = getattr(self.sparsity, "calibrate", None)
@@ -145,13 +147,18 @@ class Transcoder(SparseCoder):
         aux = torch.zeros((), device=x.device)
         if self.sparsity.uses_auxk and dead is not None and self.training:
             aux = auxk_loss(codes.preacts, dead, xn, self.W_enc, self.b_enc, self.W_dec, err.detach(),
-                            self.cfg.k_aux, self.cfg.aux_coef, self.sparsity.matmul_dtype())
+                            self.cfg.k_aux, self.cfg.aux_coef, self.sparsity.matmul_dtype(),
+                            self._aux_weight(yn, cap))
         out = StepOutput(recon + penalty + aux, recon, penalty, aux, codes)
         if with_metrics:
             with torch.no_grad():
                 out.metrics = {"l0": codes.l0(), **fvu_metrics(err, yn, self.massive_norm * self.target_scale),
                                "mse": err.pow(2).sum(-1).mean() / self.target_scale**2}  # model units
         return out
+
+    def _aux_weight(self, yn: Tensor, cap: Tensor | None) -> Tensor | None:
+        w = cap_weights(yn, cap) if self.cfg.aux_capped else None
+        return None if w is None else w[:, None]
 
     @torch.no_grad()
     def after_step(self, out: StepOutput, n_tokens: int) -> None:

@@ -24,7 +24,7 @@ class TrainConfig:
     dead_window: int = 0  # AuxK's "dead": not fired in this many tokens; 0: min(10M, tokens // 10)
     # The dead % a checkpoint reports counts latents silent over this trailing window of
     # training tokens; 0: min(10M, half the run). A tenth of a 200k-token run (20k tokens)
-    # flagged rare but working latents: on SmolLM2 layer 2 (TopK k=8, 2304 latents, 400k
+    # flagged rare but working latents: on SmolLM2 layer 2 (TopK k=8, 2304 latents, two passes over 200k
     # tokens) 35% had not fired in the last 20k tokens, 24% in 100k, 8.6% in 200k.
     report_dead_window: int = 0
     # Rows read after training from the training stream, on which BatchTopK's inference
