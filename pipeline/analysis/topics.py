@@ -188,8 +188,12 @@ def select_units(units: Units, store, labels: Sequence[str], topics: Sequence[st
     acts = doc_activations(units, store, n_rows, pool, progress)
     # documents of topics not asked for (-1) are negatives of every topic
     doc_topic = np.array([topics.index(labels[d]) if labels[d] in topics else -1 for d in acts.docs])
-    auc = topic_auroc(acts.pooled, doc_topic, len(topics))
     per_topic = {t: int((doc_topic == i).sum()) for i, t in enumerate(topics)}
+    empty = [t for t, count in per_topic.items() if count == 0]
+    if empty or len(acts.docs) == max(per_topic.values()):
+        raise UserError(f"the first {acts.rows} training rows hold {len(acts.docs)} documents, none of topic "
+                        f"{', '.join(empty) or 'other than ' + topics[0]}; raise TOPIC_TOKENS")
+    auc = topic_auroc(acts.pooled, doc_topic, len(topics))
     return Selection(list(topics), auc, acts.scale, acts.fired > 0, per_topic, pool, acts.rows)
 
 
