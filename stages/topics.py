@@ -62,8 +62,11 @@ class Setup:
         self.lm = load_model(cfg)
         methods = load_checkpoints(self.lm, ckpt)
         self.units = [decomposition_units(m) for m in methods]
-        if neurons:
-            self.units.append(neuron_units(self.lm, sorted({l for u in self.units for l in u.layers})))
+        if neurons:  # each method's own layers: a transcoder at layer 3 against layer 3's neurons
+            baselines = {}
+            for u in self.units:
+                baselines.setdefault(u.layers, neuron_units(self.lm, u.layers))
+            self.units += list(baselines.values())
         self.pool, self.topic_tokens, self.progress = pool, topic_tokens, progress
 
     def selections(self):
@@ -79,30 +82,52 @@ class Setup:
             raise UserError(f"the training store {location} was harvested from other weights than {cfg.lm}; "
                             f"the topic selection reads the store of the evaluated model (harvest it again)")
         labels = [d.label for d in self.train_docs]
+        self.params = {"store": store.content_hash, "pool": self.pool, "rows": min(self.topic_tokens, store.n_rows),
+                       "topics": self.topics, "label_field": self.label_field}
         out = []
         for units in self.units:
-            identity = {"units": units.identity, "name": units.name, "store": store.content_hash, "pool": self.pool,
-                        "rows": min(self.topic_tokens, store.n_rows), "topics": self.topics,
-                        "label_field": self.label_field}
+            identity = {"units": units.identity, "name": units.name, **self.params}
             sel = cached_selection(self.root / units.name, identity, lambda u=units: select_units(
                 u, store, labels, self.topics, self.topic_tokens, self.pool, self.progress))
             out.append((units, sel, identity))
         return out
 
 
-def _cached_rows(path: Path, identity: dict, compute, to_json, from_json):
+def _plain(obj):
+    import json
+
+    from pipeline.eval.reference import json_default
+
+    return json.loads(json.dumps(obj, default=json_default))
+
+
+def _cached_rows(path: Path, identity: dict, params: dict, compute, to_json, from_json):
+    """Rows saved at ``path`` for this identity, else computed and saved (with the run's shared ``params``)."""
     import json
 
     from pipeline.core.io import write_json_atomic
-    from pipeline.eval.reference import json_default
 
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("identity") == json.loads(json.dumps(identity, default=json_default)):
+        if saved.get("identity") == _plain(identity) and saved.get("params") == _plain(params):
             return from_json(saved["rows"]), True
     rows = compute()
-    write_json_atomic(path, {"identity": identity, "rows": to_json(rows)}, json_default)
+    write_json_atomic(path, {"identity": _plain(identity), "params": _plain(params), "rows": to_json(rows)})
     return rows, False
+
+
+def _gathered(folder: Path, name: str, params: dict, mine: list[str], from_json) -> list:
+    """Rows of the methods in ``mine`` (in order), then of every other method cached under ``folder`` with the
+    same shared ``params`` (earlier runs' methods join the table and the plot)."""
+    import json
+
+    found = {}
+    for path in sorted(folder.glob(f"*/{name}")):
+        saved = json.loads(path.read_text())
+        if saved.get("params") == _plain(params):
+            found[path.parent.name] = from_json(saved["rows"])
+    order = [m for m in mine if m in found] + sorted(m for m in found if m not in mine)
+    return [r for m in order for r in found[m]]
 
 
 COMMON = dict(
@@ -120,7 +145,7 @@ def ablate_topics(
     pool: str = typer.Option(defaults.POOL, help="per-document activation: mean or max over its tokens"),
     topic_tokens: int = typer.Option(defaults.TOPIC_TOKENS, help="training-store rows read to select the units"),
     eval_tokens: int = typer.Option(defaults.EVAL_TOKENS, help="held-out tokens, rounded up to whole windows"),
-    neurons: bool = typer.Option(True, help="also run the neuron baseline on the checkpoints' layers"),
+    neurons: bool = typer.Option(True, help="also run the neuron baseline on each method's layers"),
     seed: int = typer.Option(defaults.SEED, help="seed of the random-units control"),
     lm: Optional[str] = COMMON["lm"], data: Optional[str] = COMMON["data"], ctx: Optional[int] = COMMON["ctx"],
     text_field: str = typer.Option("text", help="text field of a local .jsonl/.parquet corpus"),
@@ -140,15 +165,17 @@ def ablate_topics(
     ref = reference(s.lm, s.cfg, progress)
     where, names = prediction_topics(s.lm, s.cfg, ref, [d.label for d in s.eval_docs], s.topics)
     folder = s.root / f"ablate-t{eval_tokens}"
-    rows, read = [], 0
-    for units, sel, sel_identity in s.selections():
+    read = 0
+    selections = s.selections()
+    params = {**s.params, "n": ns, "seed": seed, "reference": ref.info["identity"],
+              "tokens_sha256": ref.info["tokens_sha256"]}
+    for units, sel, sel_identity in selections:
         read = sel.rows
-        identity = {"selection": sel_identity, "n": ns, "seed": seed, "reference": ref.info["identity"],
-                    "tokens_sha256": ref.info["tokens_sha256"]}
-        got, cached = _cached_rows(folder / units.name / "ablation.json", identity,
-                                   lambda: run(s.lm, ref, where, names, units, sel, ns, seed, progress), rows_to_json, rows_from_json)
+        _, cached = _cached_rows(folder / units.name / "ablation.json", sel_identity, params,
+                                 lambda: run(s.lm, ref, where, names, units, sel, ns, seed, progress),
+                                 rows_to_json, rows_from_json)
         print(f"ablate-topics: {units.name}: {'cached' if cached else 'done'}")
-        rows += got
+    rows = _gathered(folder, "ablation.json", params, [u.name for u, _, _ in selections], rows_from_json)
     caption = (f"{s.cfg.lm} · {s.cfg.data} · ctx {s.cfg.ctx} · {ref.tokens.shape[0]} held-out windows "
                f"({eval_tokens} tokens) · units chosen by AUROC of the {pool} activation per document over "
                f"{read} training rows")
@@ -167,7 +194,7 @@ def steer(
     topics: str = typer.Option(defaults.TOPICS, help="topics to steer toward (comma list; empty: all)"),
     pool: str = typer.Option(defaults.POOL, help="per-document activation of the selection: mean or max"),
     topic_tokens: int = typer.Option(defaults.TOPIC_TOKENS, help="training-store rows read to select the units"),
-    neurons: bool = typer.Option(True, help="also steer with the neuron baseline on the checkpoints' layers"),
+    neurons: bool = typer.Option(True, help="also steer with the neuron baseline on each method's layers"),
     lm: Optional[str] = COMMON["lm"], data: Optional[str] = COMMON["data"], ctx: Optional[int] = COMMON["ctx"],
     text_field: str = typer.Option("text", help="text field of a local .jsonl/.parquet corpus"),
     label_field: Optional[str] = typer.Option(None, help=LABEL_HELP),
@@ -199,15 +226,15 @@ def steer(
           f"(trained on {clf.train_docs}; chance {1 / len(clf.topics):.2f})")
     chosen = list(NEUTRAL_PROMPTS[:prompts])
     folder = s.root / "steer"
-    rows = []
-    for units, sel, sel_identity in s.selections():
-        identity = {"selection": sel_identity, "alphas": sweep, "mode": mode, "prompts": chosen,
-                    "new_tokens": new_tokens, "classifier": clf.heldout_accuracy}
-        got, cached = _cached_rows(folder / units.name / f"{mode}.json", identity,
-                                   lambda: run(s.lm, units, sel, clf, sweep, mode, chosen, new_tokens, progress),
-                                   rows_to_json, rows_from_json)
+    selections = s.selections()
+    params = {**s.params, "alphas": sweep, "mode": mode, "prompts": chosen, "new_tokens": new_tokens,
+              "classifier": clf.heldout_accuracy}
+    for units, sel, sel_identity in selections:
+        _, cached = _cached_rows(folder / units.name / f"{mode}.json", sel_identity, params,
+                                 lambda: run(s.lm, units, sel, clf, sweep, mode, chosen, new_tokens, progress),
+                                 rows_to_json, rows_from_json)
         print(f"steer: {units.name}: {'cached' if cached else 'done'}")
-        rows += got
+    rows = _gathered(folder, f"{mode}.json", params, [u.name for u, _, _ in selections], rows_from_json)
     caption = (f"{s.cfg.lm} · {s.cfg.data} · {mode} α·max|act| of each topic's top-AUROC unit · {prompts} neutral "
                f"prompts × {new_tokens} greedy tokens · classifier held-out accuracy {clf.heldout_accuracy:.3f}")
     for path in write_steering(rows, out_dir or folder / "report", caption, concept):
