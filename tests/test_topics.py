@@ -232,3 +232,18 @@ def test_a_checkpoint_of_another_model_is_refused(tiny_pipeline, tmp_path):
     result = invoke("steer", "--ckpt", str(other), "--lm", "tiny-llama", "--data", "bbc", "--ctx", "32",
                     "--data-dir", str(data_dir), "--no-progress")
     assert result.exit_code == 2 and "error: checkpoint" in result.output and "LM=smollm2-135m" in result.output
+
+
+@pytest.mark.parametrize("value, message", [
+    ("ALPHAS=", "ALPHAS is empty"),
+    ("ALPHAS=1;touch {probe}", "ALPHAS='1;touch"),
+    ("TOPICS=sport$(shell touch {probe})", "TOPICS='sport$(shell"),
+    ("STEER_MODE=add`touch {probe}`", "STEER_MODE='add`touch"),
+])
+def test_make_checks_the_topic_variables_before_any_shell(tmp_path, value, message):
+    probe = tmp_path / "probe"
+    for goal in ("ablate-topics", "steer"):
+        proc = subprocess.run(["make", "--no-print-directory", "-n", goal, "CKPT=x", f"DATA_DIR={tmp_path / 'data'}",
+                               value.format(probe=probe)], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert not probe.exists() and not (tmp_path / "data").exists()
