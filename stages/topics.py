@@ -155,28 +155,27 @@ def ablate_topics(
     progress: bool = typer.Option(True, help="show progress bars"),
 ):
     """Zero each topic's top-n units (error added back) on held-out documents: ΔCE on the topic vs the others."""
-    from pipeline.eval.reference import reference
+    from pipeline.core.hashing import canonical_hash
     from pipeline.analysis.report import write_ablation
-    from pipeline.analysis.topics import ablate_topics as run, prediction_topics, rows_from_json, rows_to_json
+    from pipeline.analysis.topics import ablate_topics as run, rows_from_json, rows_to_json, topic_eval
 
     ns = _ns(n)
     s = Setup(ckpt, lm, data, ctx, eval_tokens, data_dir, text_field, label_field, topics, pool, topic_tokens,
               neurons, progress)
-    ref = reference(s.lm, s.cfg, progress)
-    where, names = prediction_topics(s.lm, s.cfg, ref, [d.label for d in s.eval_docs], s.topics)
+    ev = topic_eval(s.lm, s.cfg, [d.label for d in s.eval_docs], s.topics, progress)
     folder = s.root / f"ablate-t{eval_tokens}"
     read = 0
     selections = s.selections()
-    params = {**s.params, "n": ns, "seed": seed, "reference": ref.info["identity"],
-              "tokens_sha256": ref.info["tokens_sha256"]}
+    params = {**s.params, "n": ns, "seed": seed, "lm_weights_sha256": s.lm.weights_sha256,
+              "eval_tokens": canonical_hash(ev.tokens.tolist())}
     for units, sel, sel_identity in selections:
         read = sel.rows
         _, cached = _cached_rows(folder / units.name / "ablation.json", sel_identity, params,
-                                 lambda: run(s.lm, ref, where, names, units, sel, ns, seed, progress),
+                                 lambda: run(s.lm, ev, units, sel, ns, seed, progress),
                                  rows_to_json, rows_from_json)
         print(f"ablate-topics: {units.name}: {'cached' if cached else 'done'}")
     rows = _gathered(folder, "ablation.json", params, [u.name for u, _, _ in selections], rows_from_json)
-    caption = (f"{s.cfg.lm} · {s.cfg.data} · ctx {s.cfg.ctx} · {ref.tokens.shape[0]} held-out windows "
+    caption = (f"{s.cfg.lm} · {s.cfg.data} · ctx {s.cfg.ctx} · {ev.tokens.shape[0]} held-out windows, topics in turn "
                f"({eval_tokens} tokens) · units chosen by AUROC of the {pool} activation per document over "
                f"{read} training rows")
     for path in write_ablation(rows, out_dir or folder / "report", caption):

@@ -26,7 +26,7 @@ def test_bbc_documents_carry_their_topic_and_the_split_is_unchanged():
     for split in ("train", "eval"):
         docs = corpora.labelled("bbc", split)
         assert [d.key for d in docs] == [d.key for d in corpora.documents("bbc", split)]
-        assert {d.label for d in docs} == {"business", "entertainment", "politics", "sport", "tech"}
+        assert {d.label for d in docs} == {"business", "entertainment", "politics", "sports", "tech"}
         assert all(d.key.split("/")[1] == d.label for d in docs)
 
 
@@ -83,7 +83,7 @@ def test_the_topic_classifier_beats_chance_on_held_out_bbc_documents(tmp_path):
     assert torch.equal(again.weight, clf.weight) and again.heldout_accuracy == clf.heldout_accuracy
     probs = clf.probabilities(["the striker scored twice as the club won the cup final",
                                "shares fell as the bank reported lower profits and the market slid"])
-    assert [clf.topics[i] for i in probs.argmax(-1).tolist()] == ["sport", "business"]
+    assert [clf.topics[i] for i in probs.argmax(-1).tolist()] == ["sports", "business"]
 
 
 # ----- ablation and steering on the tiny model -----------------------------------------------
@@ -189,7 +189,7 @@ def test_ablate_topics_and_steer_run_and_cache(tiny_pipeline):
     again = invoke("ablate-topics", *args, "--n", "1,4", "--eval-tokens", "620")
     assert again.exit_code == 0 and again.output.count(": cached") == 2, again.output
 
-    steer = invoke("steer", *args, "--alphas", "0,8", "--prompts", "1", "--new-tokens", "3", "--topics", "sport,tech")
+    steer = invoke("steer", *args, "--alphas", "0,8", "--prompts", "1", "--new-tokens", "3", "--topics", "sports,tech")
     assert steer.exit_code == 0, steer.output
     assert re.search(r"held-out accuracy 0\.\d+ on \d+ documents", steer.output)
     out = data_dir / "analysis/tiny-llama/bbc/ctx32/steer/report"
@@ -209,7 +209,7 @@ def test_ablate_topics_and_steer_run_and_cache(tiny_pipeline):
 
 @pytest.mark.parametrize("extra, message", [
     (["ablate-topics", "--data", "sotu"], "error: DATA=sotu has no topic labels"),
-    (["ablate-topics", "--topics", "sport,cooking"], "error: unknown topic cooking"),
+    (["ablate-topics", "--topics", "sports,cooking"], "error: unknown topic cooking"),
     (["steer", "--alphas", ""], "error: ALPHAS is empty"),
     (["steer", "--mode", "push"], "error: STEER_MODE=push must be one of add, clamp"),
 ])

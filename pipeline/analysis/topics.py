@@ -38,7 +38,7 @@ from pipeline.core.hashing import canonical_hash
 from pipeline.core.io import exclusive_lock, write_atomic, write_json_atomic
 from pipeline.core.progress import progress_bar
 from pipeline.analysis.units import Units, zero_edit
-from pipeline.eval.reference import Reference, batches
+from pipeline.eval.reference import batches
 from pipeline.eval.splice import Splice, final_hidden, logits
 
 POOLS = ("mean", "max")
@@ -234,28 +234,43 @@ def prediction_ce(lm, tokens: Tensor, splice: Splice | None, replace: Sequence[i
     return torch.cat(out)
 
 
-def prediction_topics(lm, cfg, ref: Reference, labels: Sequence[str], wanted: Sequence[str]) -> tuple[Tensor, list[str]]:
-    """The topic of each prediction of the eval set [n_seq, ctx-2], as an index into the corpus's topics (also
-    returned): the topic of the document of the token it predicts. The windows are the reference's, re-derived
-    with their documents; every topic in ``wanted`` must have predictions, and so must the others."""
+@dataclass
+class TopicEval:
+    """Held-out windows balanced over topics, their clean CE and the topic of each prediction."""
+
+    tokens: Tensor  # [n_seq, ctx]
+    ce: Tensor  # [n_seq, ctx-2] clean CE of each prediction (positions 1..ctx-2)
+    where: Tensor  # [n_seq, ctx-2] topic of each prediction: index into ``names``
+    names: list[str]  # every topic of the corpus
+
+
+def topic_eval(lm, cfg, labels: Sequence[str], wanted: Sequence[str], progress: bool = False) -> TopicEval:
+    """``cfg.n_seq`` windows of the eval split, packed as the harvest packs them, taken round-robin over the
+    topics and, within a topic, over its documents (the r-th window of every document of a topic before any
+    (r+1)-th): each topic gets as many windows as the others, from as many documents as possible. A
+    window belongs to the document of its first token; a prediction belongs to the topic of the document
+    of the token it predicts. The clean CE comes from the same path as every ablation."""
     from pipeline.data.harvest import token_table
     from pipeline.eval.config import round_robin
 
     table = token_table(lm, cfg.data, "eval", cfg.ctx, None, cfg.text_field)
-    order = round_robin(table.doc[:, 1])[: cfg.n_seq]
-    if not np.array_equal(table.ids[order].astype(np.int64), ref.tokens.numpy()):
-        raise UserError(f"the cached eval reference under {cfg.out_dir} does not match the eval split of "
-                        f"DATA={cfg.data}; delete its reference/ folder and run again")
     names = sorted(set(labels))
     index = {t: i for i, t in enumerate(names)}
+    by_doc = round_robin(table.doc[:, 1])
+    topic = np.array([index[labels[d]] for d in table.doc[by_doc, 1]])
+    rank = np.zeros(len(topic), dtype=np.int64)
+    for t in range(len(names)):
+        rank[topic == t] = np.arange(int((topic == t).sum()))
+    order = by_doc[np.lexsort((topic, rank))][: cfg.n_seq]
+    tokens = torch.from_numpy(table.ids[order].astype(np.int64))
     where = torch.from_numpy(np.vectorize(lambda d: index[labels[d]], otypes=[np.int64])(table.doc[order][:, 2:]))
     absent = [t for t in wanted if t not in index or not (where == index[t]).any()]
     alone = [t for t in wanted if t in index and (where == index[t]).all()]
     if absent or alone:
-        raise UserError(f"the {cfg.n_seq} held-out windows (EVAL_TOKENS={cfg.eval_tokens}) hold no predictions of "
+        raise UserError(f"the {len(order)} held-out windows (EVAL_TOKENS={cfg.eval_tokens}) hold no predictions of "
                         f"{'topic ' + ', '.join(absent) if absent else 'any topic but ' + ', '.join(alone)}; "
                         f"raise EVAL_TOKENS")
-    return where, names
+    return TopicEval(tokens, prediction_ce(lm, tokens, None, ()), where, names)
 
 
 @dataclass
@@ -278,23 +293,22 @@ def _row(method: str, control: str, topic: str, names: Sequence[str], n: int, de
     return AblationRow(method, control, topic, n, on, off, on / off if off > 0 else None, on - off, chosen)
 
 
-def ablate_topics(lm, ref: Reference, where: Tensor, names: Sequence[str], units: Units, sel: Selection,
-                  ns: Sequence[int], seed: int, progress: bool = False) -> list[AblationRow]:
-    """Per topic and n: ΔCE of zeroing the topic's top-n units on its own and on the other topics' predictions
-    (``where``: each prediction's topic, an index into ``names``); and per n one draw of n random alive
-    units, measured for every topic."""
+def ablate_topics(lm, ev: TopicEval, units: Units, sel: Selection, ns: Sequence[int], seed: int,
+                  progress: bool = False) -> list[AblationRow]:
+    """Per topic and n: ΔCE of zeroing the topic's top-n units on its own and on the other topics' predictions;
+    and per n one draw of n random alive units, measured for every topic."""
     runs = [(t, n) for t in sel.topics for n in ns] + [(None, n) for n in ns]
     bar = progress_bar(len(runs), progress, f"{units.name}: ablations", unit="run")
     out = []
     for topic, n in runs:
         chosen = sel.top(topic, n) if topic is not None else sel.random(n, seed * 1_000_003 + n)
-        ce = prediction_ce(lm, ref.tokens, units.make_splice(zero_edit(units, chosen)), units.replace)
-        delta = ce.double() - ref.ce.double()
+        ce = prediction_ce(lm, ev.tokens, units.make_splice(zero_edit(units, chosen)), units.replace)
+        delta = ce.double() - ev.ce.double()
         described = [units.describe(u) for u in chosen[:8]]
         if topic is not None:
-            out.append(_row(units.name, "topic", topic, names, n, delta, where, described))
+            out.append(_row(units.name, "topic", topic, ev.names, n, delta, ev.where, described))
         else:
-            out += [_row(units.name, "random", t, names, n, delta, where, described) for t in sel.topics]
+            out += [_row(units.name, "random", t, ev.names, n, delta, ev.where, described) for t in sel.topics]
         bar.update(1)
     bar.close()
     return out
