@@ -337,7 +337,7 @@ def labelled(name: str, split: str, text_field: str = "text", label_field: str |
     """The documents of one split, each with its topic label; one clear error for a corpus without labels.
 
     BBC's label is the folder of each article (business, entertainment,
-    politics, sport, tech); a local .jsonl/.parquet corpus can supply one
+    politics, sports, tech); a local .jsonl/.parquet corpus can supply one
     with ``label_field``. Order and split are those of ``documents``.
     """
     if name == "bbc" and label_field is not None:
