@@ -66,6 +66,16 @@ override V.CKPTS   := CKPT
 override V.COMMAND := PYTHON NND
 override OPTIONAL  := LATENTS LR OUT CKPT BENCH_STORE
 override CLASSES   := INT INTS LAYERS FLOAT WORD WORDS PATH CKPTS COMMAND
+# topic experiments (issue 11): ablate-topics, steer
+override c.FLOATS  := $(c.FLOAT) ,
+override CLASSES   += FLOATS
+override V.FLOATS  := ALPHAS
+override V.INT     += TOPIC_TOKENS PROMPTS NEW_TOKENS
+override V.INTS    += TOPIC_N
+override V.FLOAT   += CONCEPT
+override V.WORD    += POOL STEER_MODE LABEL_FIELD
+override V.WORDS   += TOPICS
+override OPTIONAL  += TOPICS LABEL_FIELD
 override USER_VARIABLES := $(foreach c,$(CLASSES),$(V.$(c)))
 $(foreach c,$(CLASSES),$(foreach v,$(V.$(c)),$(call check,$(v),$(c),$(filter $(v),$(OPTIONAL)))))
 # a command-line variable of any other name could replace one of this file's own definitions
@@ -234,6 +244,22 @@ endif
 
 # No recipe, so `make -q pareto` can answer "up to date"; the report rule prints the paths.
 pareto: $(REPORT_DONE) ## the default comparison: PARETO_MODELS x PARETO_K on LAYERS, the neuron baseline, report
+
+# ---- topic experiments (issue 11): each stage caches its own results --------------------------
+# The AUROC selection, each method's ablation / steering rows and the classifier are cached under
+# $(DATA_DIR)/analysis and reused when nothing they depend on changed; the table and plot are rewritten.
+.PHONY: ablate-topics steer
+TOPIC_OPTS = --pool $(POOL) --topic-tokens $(TOPIC_TOKENS) $(if $(TOPICS),--topics $(TOPICS)) \
+  $(if $(LABEL_FIELD),--label-field $(LABEL_FIELD)) --data-dir $(DATA_DIR)
+
+ablate-topics: | $(INSTALLED) ## zero each topic's top-AUROC latents, vs random ones and neurons: CKPT TOPIC_N EVAL_TOKENS
+	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L3" >&2; exit 2; }
+	$(NND) ablate-topics $(foreach c,$(CKPT),--ckpt '$(c)') --n $(TOPIC_N) --eval-tokens $(EVAL_TOKENS) --seed $(SEED) $(TOPIC_OPTS)
+
+steer: | $(INSTALLED) ## steer generations with each topic's top latent: CKPT ALPHAS STEER_MODE PROMPTS NEW_TOKENS CONCEPT
+	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L3" >&2; exit 2; }
+	$(NND) steer $(foreach c,$(CKPT),--ckpt '$(c)') --alphas $(ALPHAS) --mode $(STEER_MODE) --prompts $(PROMPTS) \
+	  --new-tokens $(NEW_TOKENS) --concept $(CONCEPT) $(TOPIC_OPTS)
 
 # ---- demo: the same chain at a small budget -------------------------------------------
 demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at DEMO_* budgets

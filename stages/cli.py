@@ -3,6 +3,7 @@
 import typer
 
 from stages import evaluate, export, harvest, train, verify
+from stages import topics
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nn-decompositions pipeline stages")
 
@@ -19,6 +20,9 @@ app.command()(evaluate.baselines)
 app.command()(evaluate.report)
 app.command()(export.export)
 app.command()(verify.verify)
+# topic experiments (issue 11)
+app.command()(topics.ablate_topics)
+app.command()(topics.steer)
 
 if __name__ == "__main__":
     app()

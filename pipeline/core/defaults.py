@@ -93,6 +93,30 @@ MAKE_VARS: dict[str, tuple[str, str]] = {
     "OUT": ("", "output folder of `make export` (default: CKPT.FORMAT)"),
 }
 
+# ---- topic experiments (issue 11): `make ablate-topics`, `make steer` ----------------------------
+TOPIC_N = "1,4,16,64"     # top-AUROC units ablated per topic
+TOPICS = ""               # empty = every topic of the corpus
+POOL = "mean"             # per-document activation: mean over its tokens (or max)
+TOPIC_TOKENS = 100_000    # training-store rows read for the AUROC selection
+ALPHAS = "0,1,2,4,8"      # steering strengths, in units of the unit's max |activation|
+STEER_MODE = "add"
+PROMPTS = 4               # the first PROMPTS of the fixed neutral prompts
+NEW_TOKENS = 24
+CONCEPT = 0.5             # the concept score whose first α is reported
+CHOICES |= {"POOL": ("mean", "max"), "STEER_MODE": ("add", "clamp")}
+MAKE_VARS.update({
+    "TOPIC_N": (_make(TOPIC_N), "ablate-topics: numbers of top-AUROC units ablated per topic (comma list)"),
+    "TOPICS": ("", "ablate-topics / steer: topics (comma list; empty = all of the corpus's)"),
+    "POOL": (_make(POOL), "per-document activation for the AUROC selection: mean | max"),
+    "TOPIC_TOKENS": (_make(TOPIC_TOKENS), "training-store rows read for the AUROC selection"),
+    "LABEL_FIELD": ("", "label field of a local .jsonl/.parquet corpus (BBC has its own topics)"),
+    "ALPHAS": (_make(ALPHAS), "steer: strengths α (x the unit's max |activation|), comma list"),
+    "STEER_MODE": (_make(STEER_MODE), "steer: add (α·max added) | clamp (set to α·max)"),
+    "PROMPTS": (_make(PROMPTS), "steer: how many of the fixed neutral prompts"),
+    "NEW_TOKENS": (_make(NEW_TOKENS), "steer: greedy tokens generated per prompt"),
+    "CONCEPT": (_make(CONCEPT), "steer: concept score whose first α is reported"),
+})
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

