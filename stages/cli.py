@@ -3,6 +3,7 @@
 import typer
 
 from stages import evaluate, export, harvest, train, verify
+from stages import features as features_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nn-decompositions pipeline stages")
 
@@ -19,6 +20,10 @@ app.command()(evaluate.baselines)
 app.command()(evaluate.report)
 app.command()(export.export)
 app.command()(verify.verify)
+# ---- features (issue 10): look inside a dictionary ----
+app.command()(features_stage.features)
+app.command()(features_stage.dashboard)
+app.command()(features_stage.intervene)
 
 if __name__ == "__main__":
     app()

@@ -14,6 +14,7 @@ Layout under ``DATA_DIR``::
     train/<lm>/<data>/ctx<ctx>/<group>/<name>/           a checkpoint (group: transcoder | sae | clt)
     eval/<lm>/<data>/ctx<ctx>-t<eval_tokens>[-bf16]/     an eval set: reference/, <method>/metrics.json, report/
     stamps/                                              Make's parameter stamps (only ever written by recipes)
+    features/<lm>/<data>/ctx<ctx>/<group>/<name>/        a checkpoint's features file, density, dashboard/
 
 ``<lm>`` and ``<data>`` are path-safe keys of the names the user gave
 (``lm_key``, ``data_key``): a Hugging Face id ``owner/name`` becomes
@@ -102,6 +103,13 @@ def stamps(data_dir: Path) -> Path:
     return Path(data_dir) / "stamps"
 
 
+# ----- features (pipeline/features): one folder per checkpoint ------------------------------
+
+def features_dir(data_dir: Path, lm: str, data: str, ctx: int, group: str, name: str) -> Path:
+    """``features.safetensors`` + ``features.json``, ``density.*`` and ``dashboard/`` of one checkpoint."""
+    return Path(data_dir) / "features" / lm_key(lm) / data_key(data) / f"ctx{ctx}" / group / name
+
+
 # ----- checkpoint names of a MODEL (the registry's naming; tests/test_make_safety.py keeps the two in step)
 
 TRANSCODER_VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
@@ -149,7 +157,7 @@ def eval_stamp(data_dir: Path, lm: str, data: str, ctx: int, eval_tokens: int) -
 
 # ----- what `make clean-data` may delete ---------------------------------------------------
 
-PIPELINE_ENTRIES = ("models", "harvest", "train", "eval", "reports", "stamps")
+PIPELINE_ENTRIES = ("models", "harvest", "train", "eval", "reports", "stamps", "features")
 
 
 def clean_data(data_dir: Path) -> list[Path]:
