@@ -51,7 +51,8 @@ def _contexts(acts: torch.Tensor, ctx_act: torch.Tensor, ctx_tok: torch.Tensor, 
         first = int(valid.nonzero()[0]) if valid.any() else centre
         last = int(valid.nonzero()[-1]) + 1 if valid.any() else centre + 1
         out.append({"a": _r(acts[j]), "c": centre - first, "row": int(rows[j]),
-                    "t": [int(t) for t in ctx_tok[j, first:last]], "v": [_r(v) for v in ctx_act[j, first:last].float()]})
+                    "t": [int(t) for t in ctx_tok[j, first:last]],
+                    "v": [_r(v) for v in ctx_act[j, first:last].float()]})
     return out
 
 

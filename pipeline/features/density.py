@@ -26,7 +26,7 @@ def density_numbers(frequency: np.ndarray, rows: int) -> dict:
     alive = frequency[frequency > 0]
     lo = min(LOG_LO, float(np.floor(np.log10(1.0 / max(rows, 1)))))
     edges = np.arange(lo, 0.0 + 1e-9, 0.25)
-    counts, _ = np.histogram(np.clip(np.log10(alive), lo, 0.0), bins=edges) if alive.size else (np.zeros(len(edges) - 1), edges)
+    counts = np.histogram(np.clip(np.log10(alive), lo, 0.0), bins=edges)[0] if alive.size else np.zeros(len(edges) - 1)
     out = {
         "latents": n, "rows": int(rows),
         "dead": int(n - alive.size), "dead_fraction": (n - alive.size) / max(n, 1),

@@ -73,7 +73,8 @@ def hist_edges() -> np.ndarray:
 class LatentState:
     """The running statistics of the latents of one source layer."""
 
-    FIELDS = ("count", "sum", "max", "hist", "top_act", "top_row", "top_ctx", "smp_key", "smp_act", "smp_row", "smp_ctx")
+    FIELDS = ("count", "sum", "max", "hist", "top_act", "top_row", "top_ctx",
+              "smp_key", "smp_act", "smp_row", "smp_ctx")
 
     def __init__(self, n: int, cfg: FeatureConfig):
         self.cfg = cfg
@@ -130,7 +131,8 @@ class LatentState:
         """The latent's activation on rows idx-left..idx+right of the same window: [take, n, width]."""
         offsets = torch.arange(-self.cfg.left, self.cfg.right + 1)
         near = idx.unsqueeze(-1) + offsets  # [take, n, width] local rows
-        same = ((near + row0).div(window, rounding_mode="floor") == (idx.unsqueeze(-1) + row0).div(window, rounding_mode="floor"))
+        home = (idx.unsqueeze(-1) + row0).div(window, rounding_mode="floor")
+        same = (near + row0).div(window, rounding_mode="floor") == home
         valid = same & (near >= 0) & (near < acts.shape[0])
         cols = torch.arange(acts.shape[1]).view(1, -1, 1).expand_as(near)
         return torch.where(valid, acts[near.clamp(0, acts.shape[0] - 1), cols], 0.0)
@@ -324,8 +326,8 @@ def write_features(path: Path, tensors: dict[str, Tensor], sidecar: dict) -> Non
     """``features.safetensors`` and ``features.json`` (written last: its presence marks a finished file)."""
     json_path = path.with_suffix(".json")
     json_path.unlink(missing_ok=True)
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "nnd-features",
-                                                                          "version": str(FORMAT_VERSION)}), ".safetensors")
+    header = {"format": "nnd-features", "version": str(FORMAT_VERSION)}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), ".safetensors")
     write_json_atomic(json_path, sidecar)
 
 
