@@ -147,10 +147,14 @@ def test_density_numbers_and_figures(tc_features):
         assert (tc_features.parent / f"density.{ext}").stat().st_size > 1000
 
 
-def test_clt_features_cover_every_source_layer_and_its_later_outputs(root, model, clt_ckpt):
-    path = build_features(model, target_for(clt_ckpt, root), FeatureConfig(top_n=3, samples=0, left=2, right=1,
-                                                                            rows=1000), report=lambda s: None)
-    t, meta = read_features(path)
+@pytest.fixture(scope="module")
+def clt_features(root, model, clt_ckpt) -> Path:
+    cfg = FeatureConfig(top_n=3, samples=0, left=2, right=1, rows=1000)
+    return build_features(model, target_for(clt_ckpt, root), cfg, report=lambda s: None)
+
+
+def test_clt_features_cover_every_source_layer_and_its_later_outputs(model, clt_ckpt, clt_features):
+    t, meta = read_features(clt_features)
     assert meta["source_layers"] == [1, 2] and meta["rows_scanned"] == 1023  # rounded up to whole windows
     clt = checkpoint.load(clt_ckpt).module
     from pipeline.features.logit_effects import decoder_directions
@@ -161,6 +165,17 @@ def test_clt_features_cover_every_source_layer_and_its_later_outputs(root, model
     torch.testing.assert_close(dirs, want.detach(), rtol=1e-5, atol=1e-6)
     for layer in (1, 2):
         assert t[f"L{layer}.frequency"].shape == (96,) and t[f"L{layer}.logit_top_id"].shape[0] == 96
+
+
+def test_a_k_sweep_gets_one_overlaid_density_figure(root, tc_ckpt, clt_ckpt, tc_features, clt_features, tmp_path):
+    from pipeline.features.extract import density_overlay
+
+    written = density_overlay([target_for(tc_ckpt, root), target_for(clt_ckpt, root)], tmp_path)
+    assert sorted(p.name for p in written) == ["density-overlay.json", "density-overlay.png", "density-overlay.svg"]
+    numbers = json.loads((tmp_path / "density-overlay.json").read_text())
+    assert len(numbers) == 3  # the transcoder, and the CLT's two source layers
+    assert numbers == {**json.loads((tc_features.parent / "density.json").read_text()),
+                       **json.loads((clt_features.parent / "density.json").read_text())}
 
 
 def _features_cmd(root: Path, ckpt: Path, data_dir: Path) -> list[str]:
