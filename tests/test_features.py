@@ -24,6 +24,7 @@ from pipeline.eval.splice import EditedSplice, final_hidden, logits
 from pipeline.features import examples, interventions as iv
 from pipeline.features.examples import FeatureConfig, read_features
 from pipeline.features.extract import build_features, load_method, target_for
+from pipeline.features.logit_effects import final_norm
 from test_splice import D, make_clt, transcoder
 
 CTX = 32
@@ -122,7 +123,8 @@ def test_statistics_and_contexts_match_a_direct_computation(root, tc_ckpt, tc_fe
 def test_logit_effects_are_the_decoder_rows_through_the_final_norm(model, tc_ckpt, tc_features):
     t, _ = read_features(tc_features)
     module = checkpoint.load(tc_ckpt).module
-    norm = model.hf_model.model.norm
+    norm = final_norm(model.hf_model)
+    assert type(norm).__name__ == "LlamaRMSNorm"
     v = module.W_dec.detach() / module.target_scale
     v = v / v.pow(2).mean(-1, keepdim=True).sqrt()
     normed = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.detach()

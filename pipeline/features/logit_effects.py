@@ -26,7 +26,8 @@ def final_norm(hf_model) -> torch.nn.Module:
     for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
         module = getattr(base, name, None)
         if isinstance(module, torch.nn.Module):
-            return module
+            # TransformerBridge may have put its wrapper in the HF tree; the model's own norm is inside it
+            return getattr(module, "original_component", None) or module
     raise UserError(f"cannot find the final norm of {type(hf_model).__name__}; logit effects need it")
 
 
