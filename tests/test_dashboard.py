@@ -64,10 +64,11 @@ def test_the_dashboard_index_pages_sorts_and_searches(board, tc_features, tmp_pa
     assert len(rows(everything)) == 96
     assert rows(everything)[0] == f"1/{first_of(t['L1.max_act'])}"
 
-    token = meta["tokens"][str(int(t["L1.top_ctx_tok"][0, 0, CFG.left]))]
+    latent = int(t["L1.frequency"].argmax())  # one that fired
+    token = meta["tokens"][str(int(t["L1.top_ctx_tok"][latent, 0, CFG.left]))]
     searched = dom(tmp_path, board, "per=1000&q=" + _fragment(token))
     found = rows(searched)
-    assert "1/0" in found and 0 < len(found) <= 96
+    assert f"1/{latent}" in found and 0 < len(found) <= 96
     assert f'<span id="count">{len(found)} latents</span>' in searched
 
 
