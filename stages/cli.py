@@ -4,6 +4,7 @@ import typer
 
 from stages import evaluate, export, harvest, train, verify
 from stages import topics
+from stages import features as features_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nn-decompositions pipeline stages")
 
@@ -23,6 +24,10 @@ app.command()(verify.verify)
 # topic experiments (issue 11)
 app.command()(topics.ablate_topics)
 app.command()(topics.steer)
+# ---- features (issue 10): look inside a dictionary ----
+app.command()(features_stage.features)
+app.command()(features_stage.dashboard)
+app.command()(features_stage.intervene)
 
 if __name__ == "__main__":
     app()

@@ -121,8 +121,23 @@ def report(
     cfg = EvalConfig(lm=lm, data=data, ctx=ctx, eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
                      eval_dir=eval_dir)
     outputs = build_report(cfg.out_dir, out_dir or cfg.out_dir / "report")
+    outputs.append(_html_report(cfg.out_dir, out_dir or cfg.out_dir / "report", data_dir))
     for path in outputs:
         print(path)
+
+
+def _html_report(eval_folder: Path, report_dir: Path, data_dir: Path) -> Path:
+    """report/index.html: tables, Pareto plots, curves, density and dashboard links (pipeline.features)."""
+    from pipeline.features.extract import target_for
+    from pipeline.features.report_html import build_html
+
+    def features_dir_of(ckpt: Path) -> Path | None:
+        try:
+            return target_for(ckpt, data_dir).out_dir
+        except UserError:  # a checkpoint that is gone or records no store: no features to link
+            return None
+
+    return build_html(eval_folder, report_dir, features_dir_of)
 
 
 def _summary(metrics, path: Path) -> str:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ["core", "data", "methods", "checkpoint", "train", "eval", "export", "analysis"]
+LAYERS = ["core", "data", "methods", "checkpoint", "train", "eval", "export", "features", "analysis"]
 
 
 def module_name(path: Path) -> str:

@@ -44,6 +44,11 @@ INJECTIONS = [
     "WANDB=offline&&touch {probe}",
     "TOKENS=1 $(shell touch {probe})",
     "LM=a\ntouch {probe}",
+    # features / interventions (issue 10)
+    "FEATURE=1;touch {probe}",
+    "VALUE=1$(touch {probe})",
+    "OP=ablate`touch {probe}`",
+    "POSITIONS=1$(shell touch {probe})",
 ]
 INVOCATIONS = [["help"], ["-n", "help"], ["-n", "harvest"], ["-q", "pareto"], ["-n", "train"], ["evaluate"],
                ["clean-data"], ["-n", "demo"]]
@@ -72,6 +77,17 @@ def test_the_teams_probe(tmp_path):
     probe = tmp_path / "probe"
     proc = run_make(REPO, "-n", "help", f"K=32$$(touch {probe})")
     assert proc.returncode == 2 and "K='32$$(touch" in proc.stderr and not probe.exists()
+
+
+def test_a_hostile_prompt_is_never_expanded(tmp_path):
+    """PROMPT is free text with no character class: parsing, help and previews never expand it."""
+    probe = tmp_path / "probe"
+    hostile = f"a $(shell touch {probe}1) `touch {probe}2` $$(touch {probe}3) \"x' ; touch {probe}4"
+    for args in (["help"], ["-n", "generate", "CKPT=x", "FEATURE=1"], ["-n", "features", "CKPT=x"], ["-n", "demo"]):
+        proc = run_make(REPO, *args, f"PROMPT={hostile}", f"DATA_DIR={tmp_path / 'data'}",
+                        f"INSTALLED={tmp_path / 'installed'}")
+        assert proc.returncode in (0, 1), (args, proc.stderr)
+        assert not list(tmp_path.glob("probe*")) and not (tmp_path / "data").exists(), args
 
 
 @pytest.mark.parametrize("value, message", [

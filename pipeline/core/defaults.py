@@ -42,6 +42,12 @@ PARETO_MODELS = "vanilla,topk,batchtopk,jumprelu,clt"
 PARETO_K = "8,16,32,64"
 FORMAT = "circuit-tracer"
 
+# ---- features, dashboards, interventions (pipeline/features) ----
+FEATURE_TOKENS = 0        # store rows `make features` scans (0 = the whole store)
+OP = "ablate"             # intervention: ablate | scale | set
+NEW_TOKENS = 20           # tokens generated per prompt by `make generate` and `make steer`
+TEMPERATURE = 1.0         # of the seeded sample shown beside the greedy continuation
+
 # Default dictionary width per d_model. At the default 400k tokens 4x beats 8x: SmolLM2 layer 0,
 # TopK k=8, 200k tokens: 4608 latents reached held-out FVU 0.232 with 33% of latents dead,
 # 2304 latents 0.236 with 6% dead, in half the time.
@@ -54,6 +60,7 @@ CHOICES = {
     "KIND": ("transcoder", "sae"),
     "WANDB": ("offline", "online", "disabled"),
     "FORMAT": ("circuit-tracer",),
+    "OP": ("ablate", "scale", "set"),
 }
 
 # ---- the Make variables: name -> (default as Make writes it, meaning) ---------------------------
@@ -91,6 +98,15 @@ MAKE_VARS: dict[str, tuple[str, str]] = {
     "CKPT": ("", "checkpoint directory (or folder of per-layer ones) for `make evaluate` / `make export`"),
     "FORMAT": (_make(FORMAT), "export format of `make export`: circuit-tracer"),
     "OUT": ("", "output folder of `make export` (default: CKPT.FORMAT)"),
+    # features, dashboards, interventions (PROMPT, free text, is not listed here: see the Makefile)
+    "FEATURE_TOKENS": (_make(FEATURE_TOKENS), "store rows `make features` / `make dashboard` scan (0 = all)"),
+    "FEATURE": ("", "latent index or comma list edited by `make generate`"),
+    "FEATURE_LAYER": ("", "source layer of FEATURE (needed when the checkpoint has several, e.g. a CLT)"),
+    "OP": (OP, "`make generate` edit: ablate | scale | set"),
+    "VALUE": ("", "factor (OP=scale) or value (OP=set)"),
+    "POSITIONS": ("", "token positions to edit, 0 = BOS (empty = all)"),
+    "NEW_TOKENS": (_make(NEW_TOKENS), "tokens generated per prompt (`make generate`, `make steer`)"),
+    "TEMPERATURE": (_make(TEMPERATURE), "temperature of the seeded sample (greedy is always shown)"),
 }
 
 # ---- topic experiments (issue 11): `make ablate-topics`, `make steer` ----------------------------
@@ -101,7 +117,6 @@ TOPIC_TOKENS = 100_000    # training-store rows read for the AUROC selection
 ALPHAS = "0,1,2,4,8"      # steering strengths, in units of the unit's max |activation|
 STEER_MODE = "add"
 PROMPTS = 4               # the first PROMPTS of the fixed neutral prompts
-NEW_TOKENS = 24
 CONCEPT = 0.5             # the concept score whose first α is reported
 CHOICES |= {"POOL": ("mean", "max"), "STEER_MODE": ("add", "clamp")}
 MAKE_VARS.update({
@@ -113,7 +128,6 @@ MAKE_VARS.update({
     "ALPHAS": (_make(ALPHAS), "steer: strengths α (x the unit's max |activation|), comma list"),
     "STEER_MODE": (_make(STEER_MODE), "steer: add (α·max added) | clamp (set to α·max)"),
     "PROMPTS": (_make(PROMPTS), "steer: how many of the fixed neutral prompts"),
-    "NEW_TOKENS": (_make(NEW_TOKENS), "steer: greedy tokens generated per prompt"),
     "CONCEPT": (_make(CONCEPT), "steer: concept score whose first α is reported"),
 })
 

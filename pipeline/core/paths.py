@@ -16,6 +16,7 @@ Layout under ``DATA_DIR``::
     stamps/                                              Make's parameter stamps (only ever written by recipes)
     analysis/<lm>/<data>/ctx<ctx>/                       topic selection per method, ablate-t<eval_tokens>/, steer/
     analysis/classifier/<data>/                          the topic classifier of a labelled corpus
+    features/<lm>/<data>/ctx<ctx>/<group>/<name>/        a checkpoint's features file, density, dashboard/
 
 ``<lm>`` and ``<data>`` are path-safe keys of the names the user gave
 (``lm_key``, ``data_key``): a Hugging Face id ``owner/name`` becomes
@@ -116,6 +117,13 @@ def topic_classifier(data_dir: Path, data: str) -> Path:
     return Path(data_dir) / "analysis" / "classifier" / data_key(data)
 
 
+# ----- features (pipeline/features): one folder per checkpoint ------------------------------
+
+def features_dir(data_dir: Path, lm: str, data: str, ctx: int, group: str, name: str) -> Path:
+    """``features.safetensors`` + ``features.json``, ``density.*`` and ``dashboard/`` of one checkpoint."""
+    return Path(data_dir) / "features" / lm_key(lm) / data_key(data) / f"ctx{ctx}" / group / name
+
+
 # ----- checkpoint names of a MODEL (the registry's naming; tests/test_make_safety.py keeps the two in step)
 
 TRANSCODER_VARIANTS = ("vanilla", "topk", "batchtopk", "jumprelu")
@@ -163,7 +171,7 @@ def eval_stamp(data_dir: Path, lm: str, data: str, ctx: int, eval_tokens: int) -
 
 # ----- what `make clean-data` may delete ---------------------------------------------------
 
-PIPELINE_ENTRIES = ("models", "harvest", "train", "eval", "reports", "stamps", "analysis")
+PIPELINE_ENTRIES = ("models", "harvest", "train", "eval", "reports", "stamps", "features", "analysis")
 
 
 def clean_data(data_dir: Path) -> list[Path]:
