@@ -181,9 +181,10 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
     lm.check_ctx(cfg.ctx)
     per_seq = cfg.ctx - 1
     n_rows = -(-cfg.tokens // per_seq) * per_seq
-    _check_space(root, cfg, lm, layers, n_rows)
-    # the table covers every stored row too: they are checked against the corpus, and may be recomputed
+    # the table covers every stored row too: they are checked against the corpus, and may be recomputed;
+    # it also refuses a TOKENS the corpus cannot give, which no amount of disk space would fix
     table = token_table(lm, cfg.data, cfg.split, cfg.ctx, max(n_rows, _stored_rows(root)), cfg.text_field)
+    _check_space(root, cfg, lm, layers, n_rows)
     identity = store_identity(cfg, lm)
     hooks = {h: HOOKS[h] for h in lm.hooks}
     writer = StoreWriter(cfg.location, identity, hooks, lm.d_model, lm.n_layers, lm.d_mlp)
