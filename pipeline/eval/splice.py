@@ -114,18 +114,21 @@ class DecompositionSplice:
         return hook
 
     def _replace(self, j: int, acts: dict, inputs: dict, record: Record | None, reads_output: bool):
-        d = self.decomposition
-
         def hook(y: Tensor, hook=None) -> Tensor:
             if reads_output:
                 inputs[j] = rows_of(y).float()
-                acts[j] = d.encode_layer(j, inputs[j])
-            recon = d.decode_layer(j, {i: acts[i] for i in d.sources(j)}, inputs.get(j))
-            if record is not None:
-                record(j, rows_of(y), recon, acts.get(j))
-            return put_rows(y, recon)
+                acts[j] = self.decomposition.encode_layer(j, inputs[j])
+            return self._output(j, y, acts, inputs, record)
 
         return hook
+
+    def _output(self, j: int, y: Tensor, acts: dict, inputs: dict, record: Record | None) -> Tensor:
+        """What layer j's MLP output becomes, given the latents of its sources."""
+        d = self.decomposition
+        recon = d.decode_layer(j, {i: acts[i] for i in d.sources(j)}, inputs.get(j))
+        if record is not None:
+            record(j, rows_of(y), recon, acts.get(j))
+        return put_rows(y, recon)
 
 
 # ----- edits with the error added back -----------------------------------------------
@@ -152,27 +155,20 @@ class EditedSplice(DecompositionSplice):
         super().__init__(decomposition)
         self.edit = edit
 
-    def _replace(self, j: int, acts: dict, inputs: dict, record: Record | None, reads_output: bool):
+    def _output(self, j: int, y: Tensor, acts: dict, inputs: dict, record: Record | None) -> Tensor:
         d = self.decomposition
-
-        def hook(y: Tensor, hook=None) -> Tensor:
-            if reads_output:
-                inputs[j] = rows_of(y).float()
-                acts[j] = d.encode_layer(j, inputs[j])
-            sources = d.sources(j)
-            edited = {i: self.edit(i, acts[i]) for i in sources}
-            if all(edited[i] is acts[i] for i in sources):
-                if record is not None:
-                    record(j, rows_of(y), rows_of(y).float(), acts.get(j))
-                return y
-            real = rows_of(y).float()
-            delta = d.decode_layer(j, edited, inputs.get(j)) - d.decode_layer(j, {i: acts[i] for i in sources}, inputs.get(j))
-            out = real + delta
+        sources = d.sources(j)
+        edited = {i: self.edit(i, acts[i]) for i in sources}
+        real = rows_of(y).float()
+        if all(edited[i] is acts[i] for i in sources):
             if record is not None:
-                record(j, real, out, edited.get(j))
-            return put_rows(y, out)
-
-        return hook
+                record(j, real, real, acts.get(j))
+            return y
+        delta = d.decode_layer(j, edited, inputs.get(j)) - d.decode_layer(j, {i: acts[i] for i in sources}, inputs.get(j))
+        out = real + delta
+        if record is not None:
+            record(j, real, out, edited.get(j))
+        return put_rows(y, out)
 
 
 # ----- running --------------------------------------------------------------------
