@@ -88,8 +88,20 @@ def _created_dirs(folder: Path) -> list[Path]:
         missing.append(folder)
         folder = folder.parent
     for d in reversed(missing):
-        d.mkdir(parents=True, exist_ok=True)  # parents: a releasing holder may remove one meanwhile
+        _make_dir(d)
     return missing
+
+
+def _make_dir(folder: Path) -> None:
+    """mkdir -p that tolerates a releasing lock holder removing the folder meanwhile: Path.mkdir
+    with exist_ok raises FileExistsError when the folder vanishes between its mkdir and its
+    is_dir check (seen as a lost waiter in test_waiters_on_a_removed_lock_file_never_hold_it_together)."""
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        except FileExistsError:
+            continue
 
 
 def _remove_empty(dirs: list[Path]) -> None:
@@ -120,7 +132,7 @@ class LockHeld(UserError):
 def _acquire(path: Path, blocking: bool, what: str):
     """Open and flock ``path``; retry when the file was replaced or removed meanwhile."""
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)  # a releasing holder may have removed it
+        _make_dir(path.parent)  # a releasing holder may have removed it
         try:
             f = open(path, "a+")
         except FileNotFoundError:  # ... between the mkdir and the open: try again
