@@ -38,12 +38,18 @@ def stage(fn):
     return run
 
 
-def parse_ints(text: str, what: str) -> list[int]:
-    """'8,16,32' -> [8, 16, 32], in the order given; anything else is one clear error."""
+def parse_numbers(text: str, what: str, kind: type = int, example: str = "8,16,32") -> list:
+    """'8,16,32' -> [8, 16, 32] (``kind`` int or float), in the order given; anything else is one clear error."""
+    noun = "integer" if kind is int else "number"
     try:
-        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+        values = [kind(v) for v in str(text).replace(" ", "").split(",") if v]
     except ValueError:
-        raise UserError(f"{what}='{text}' must be an integer or a comma list of integers, e.g. 8,16,32") from None
+        raise UserError(f"{what}='{text}' must be a{'n' if kind is int else ''} {noun} or a comma list of {noun}s, "
+                        f"e.g. {example}") from None
     if not values:
-        raise UserError(f"{what} is empty")
+        raise UserError(f"{what} is empty; give at least one value, e.g. {what}={example}")
     return values
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    return parse_numbers(text, what, int)

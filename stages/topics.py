@@ -9,20 +9,10 @@ import typer
 
 from pipeline.core import defaults
 from pipeline.core.errors import UserError
-from stages.common import parse_ints, stage
+from stages.common import parse_ints, parse_numbers, stage
 
 CKPT_HELP = "checkpoint directory, folder of checkpoints, or quoted glob (repeatable)"
 LABEL_HELP = "label field of a local .jsonl/.parquet corpus (BBC brings its own topics)"
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        values = [float(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UserError(f"{what}='{text}' must be a comma list of numbers, e.g. 0,2,4,8") from None
-    if not values:
-        raise UserError(f"{what} is empty; give at least one value, e.g. {what}=0,2,4,8")
-    return values
 
 
 def _ns(text: str) -> list[int]:
@@ -208,7 +198,7 @@ def steer(
     from pipeline.analysis.steering import MODES, NEUTRAL_PROMPTS, check_alphas, rows_from_json, rows_to_json
     from pipeline.analysis.steering import steer as run
 
-    sweep = check_alphas(_floats(alphas, "ALPHAS"))
+    sweep = check_alphas(parse_numbers(alphas, "ALPHAS", float, "0,2,4,8"))
     if mode not in MODES:
         raise UserError(f"STEER_MODE={mode} must be one of {', '.join(MODES)}")
     if not 1 <= prompts <= len(NEUTRAL_PROMPTS):

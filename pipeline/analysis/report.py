@@ -8,7 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.core.io import write_atomic, write_text_atomic
+from pipeline.core.io import write_text_atomic
+from pipeline.eval.report import save_figure
 from pipeline.analysis.steering import SteerRow, first_alpha
 from pipeline.analysis.topics import AblationRow
 
@@ -29,11 +30,6 @@ def _csv(rows: list[dict]) -> str:
     for r in rows:
         writer.writerow({k: ";".join(v) if isinstance(v, list) else v for k, v in r.items()})
     return buf.getvalue()
-
-
-def _savefig(fig, path: Path) -> Path:
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130), ".png")
-    return path
 
 
 def _pyplot():
@@ -103,8 +99,7 @@ def _plot_ablation(summary: list[dict], path: Path, caption: str) -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(caption, fontsize=8)
     fig.tight_layout()
-    _savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path.parent, path.stem, ("png",))
     return path
 
 
@@ -160,6 +155,5 @@ def _plot_frontier(frontier: list[dict], path: Path, caption: str, target: float
     ax.legend(fontsize=7)
     fig.suptitle(caption, fontsize=8)
     fig.tight_layout()
-    _savefig(fig, path)
-    plt.close(fig)
+    save_figure(fig, path.parent, path.stem, ("png",))
     return path

@@ -313,10 +313,17 @@ def plot_pareto(metrics: list[dict], mode: str, out_dir: Path) -> list[Path]:
     fig.suptitle(f"Pareto frontiers, {MODE_TITLES[mode]}: {m['lm']} layers {layers_label(layers)}, "
                  f"{m['data']} eval split ({m['eval_rows']:,} tokens, clean CE {m['clean_ce']:.3f} nats / token)",
                  fontsize=13)
+    return save_figure(fig, out_dir, f"pareto_{mode}")
+
+
+def save_figure(fig, out_dir: Path, stem: str, exts: tuple[str, ...] = ("png", "svg"), dpi: int = 130) -> list[Path]:
+    """Write ``fig`` as ``out_dir/stem.<ext>`` for each ext, each file atomically; close it."""
+    import matplotlib.pyplot as plt
+
     paths = []
-    for ext in ("png", "svg"):
-        path = out_dir / f"pareto_{mode}.{ext}"
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=130 if ext == "png" else None), f".{ext}")
+    for ext in exts:
+        path = Path(out_dir) / f"{stem}.{ext}"
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi if ext == "png" else None), f".{ext}")
         paths.append(path)
     plt.close(fig)
     return paths

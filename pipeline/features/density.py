@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.core.io import write_atomic, write_json_atomic
+from pipeline.core.io import write_json_atomic
+from pipeline.eval.report import save_figure
 
 DENSE = (0.01, 0.10)
 LOG_LO = -7.0  # left edge of the histogram (log10 frequency); below: shown at the edge
@@ -79,13 +80,8 @@ def write_density(out_dir: Path, series: Sequence[tuple[str, np.ndarray, dict]],
     """``<stem>.png``, ``<stem>.svg`` and ``<stem>.json`` (numbers by label)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig, plt = _figure(series, title)
-    written = []
-    for ext in ("png", "svg"):
-        path = out_dir / f"{stem}.{ext}"
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120 if ext == "png" else None), f".{ext}")
-        written.append(path)
-    plt.close(fig)
+    fig, _ = _figure(series, title)
+    written = save_figure(fig, out_dir, stem, dpi=120)
     path = out_dir / f"{stem}.json"
     write_json_atomic(path, {label: numbers for label, _, numbers in series})
     return [*written, path]
