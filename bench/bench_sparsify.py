@@ -40,7 +40,10 @@ import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+import sys
+
+if "cuda" not in " ".join(sys.argv):  # on CPU sparsify's Triton decoder cannot run; on a GPU it is its default
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
 
 import numpy as np
 import torch
@@ -55,8 +58,17 @@ from pipeline.train.loop import param_groups, train_step
 HOOKS = {"transcoder": ("mlp_in", "mlp_out"), "sae": ("mlp_out", "mlp_out")}
 
 
+DEVICE = "cpu"  # --device
+
+
+def _sync() -> None:
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+
+
 def batches(store, keys, batch, n_steps, seed=0):
-    loader = ActivationLoader(store, list(dict.fromkeys(keys)), LoaderConfig(batch_size=batch, seed=seed))
+    """On a GPU: pinned host batches copied without blocking (the loader's device path)."""
+    loader = ActivationLoader(store, list(dict.fromkeys(keys)), LoaderConfig(batch_size=batch, seed=seed, device=DEVICE))
     for i, b in enumerate(loader):
         if i == n_steps:
             return
@@ -73,7 +85,7 @@ def heldout_rows(store, keys, batch, groups, train_rows, seed=0):
         raise SystemExit(f"--tokens {train_rows:,} would reach the held-out chunks (first {before:,} rows only)")
     out = {}
     for key in dict.fromkeys(keys):
-        out[key] = torch.from_numpy(np.concatenate([store.read_chunk(*key, int(c)) for c in held]).astype(np.float32))
+        out[key] = torch.from_numpy(np.concatenate([store.read_chunk(*key, int(c)) for c in held]).astype(np.float32)).to(DEVICE)
     return out
 
 
@@ -81,7 +93,7 @@ def heldout_rows(store, keys, batch, groups, train_rows, seed=0):
 def evaluate(predict, x, y, fired_fn, n_latents, chunk=8192):
     """Held-out FVU (all rows; rows with ||y|| < 5x median) and dead % (no fire on any row)."""
     err = torch.empty_like(y)
-    fired = torch.zeros(n_latents, dtype=torch.bool)
+    fired = torch.zeros(n_latents, dtype=torch.bool, device=y.device)
     for i in range(0, x.shape[0], chunk):
         y_hat, idx = predict(x[i:i + chunk])
         err[i:i + chunk] = y_hat - y[i:i + chunk]
@@ -106,7 +118,7 @@ class Ours:
         self.module = Transcoder(TranscoderConfig(variant="topk", k=k, d_in=d, d_out=d, n_latents=self.n_latents,
                                                   kind=kind, layer=layer, input_hook=keys[0][1], target_hook=keys[1][1]))
         self.module.init_from_stats(store.stats(*keys[0]), store.stats(*keys[1]))
-        self.module.train()
+        self.module.to(DEVICE).train()
         self.opt = torch.optim.Adam(param_groups(self.module), lr=1.0, betas=self.cfg.betas, eps=self.cfg.eps, fused=True)
         self.member = TrainJob(self.module, keys[0], keys[1], Path("unused"))
         self.base_lr = default_lr(self.n_latents)
@@ -138,7 +150,7 @@ class Sparsify:
         self.transcode = kind == "transcoder"
         torch.manual_seed(0)
         self.sae = SparseCoder(store.d_model, SparseCoderConfig(k=k, expansion_factor=8, transcode=self.transcode),
-                               device="cpu", dtype=torch.float32)
+                               device=DEVICE, dtype=torch.float32)
         self.n_latents = self.sae.num_latents
         # Trainer's defaults: signum, lr 5e-3 / sqrt(n / 2^14), ScheduleFree momentum 0.95, auxk_alpha 0.
         lr = 5e-3 / (self.n_latents / 2**14) ** 0.5
@@ -156,7 +168,8 @@ class Sparsify:
                 sae.b_dec.data = y.mean(0)
         if not self.transcode:
             sae.set_decoder_norm_to_unit_norm()
-        out = sae(x=x, y=y, dead_mask=None)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=DEVICE != "cpu"):  # as sparsify.Trainer on a GPU
+            out = sae(x=x, y=y, dead_mask=None)
         out.fvu.backward()
         if not self.transcode:
             sae.remove_gradient_parallel_to_decoder_directions()
@@ -180,8 +193,10 @@ def run_pair(store, layer, kind, tokens, batch, k, held):
     steps = tokens // batch
     for i, b in enumerate(batches(store, keys, batch, steps)):
         for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+            _sync()
             t = time.perf_counter()
             runs[name].step(i, b)
+            _sync()
             elapsed[name] += time.perf_counter() - t
     out = {}
     for name, r in runs.items():
@@ -201,12 +216,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--heldout-groups", type=int, default=2)
     ap.add_argument("--kinds", default="transcoder,sae")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     import sparsify
 
     store = HarvestStore.open(args.store)
     print(f"store {args.store} ({store.n_rows:,} rows, d={store.d_model}), layer {args.layer}, "
-          f"{args.tokens:,} tokens, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{args.tokens:,} tokens, torch {torch.__version__}, device {DEVICE}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if DEVICE != 'cpu' else ''}, {torch.get_num_threads()} thread(s), "
           f"sparsify from {Path(sparsify.__file__).parent}")
     results = {}
     for kind in args.kinds.split(","):

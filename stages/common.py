@@ -29,7 +29,8 @@ def stage(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # the workers of a distributed run: one line, from rank 0
+                print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
         except Interrupted as e:
             print(f"interrupted: {e}", file=sys.stderr)

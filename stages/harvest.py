@@ -42,6 +42,8 @@ def harvest(
     chunk_rows: int = typer.Option(defaults.CHUNK_ROWS, help="rows per chunk, rounded down to whole sequences"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     repair: bool = typer.Option(False, help="recompute exactly the chunks `nnd verify` finds damaged (settings from the store)"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (the model's forward; writes overlap it)"),
+    model_dtype: str = typer.Option("float32", help="float32, or bfloat16 (GPU: faster; the activations differ)"),
 ):
     """Harvest MLP activations into data/harvest/<lm>/<data>/<split>-ctx<ctx>.zarr."""
     if shards < 1:
@@ -54,7 +56,7 @@ def harvest(
         return
     base = dict(lm=lm, data=data, split=split, layers=tuple(parse_layers(layers)), tokens=tokens, ctx=ctx,
                 dtype=dtype, compressor=compressor, data_dir=data_dir, store=store, text_field=text_field,
-                chunk_rows=chunk_rows)
+                chunk_rows=chunk_rows, device=device, model_dtype=model_dtype)
     if shard is not None:
         i, n = _parse_shard(shard)
         summary = run_harvest(HarvestConfig(**base, shard=i, n_shards=n), progress=progress)
@@ -64,7 +66,8 @@ def harvest(
         HarvestConfig(**base, shard=0, n_shards=shards)  # validate before spawning
         argv = ["harvest", "--lm", lm, "--data", data, "--layers", layers, "--tokens", str(tokens), "--ctx", str(ctx),
                 "--split", split, "--dtype", dtype, "--compressor", compressor, "--data-dir", str(data_dir),
-                "--text-field", text_field, "--chunk-rows", str(chunk_rows), "--progress" if progress else "--no-progress"]
+                "--text-field", text_field, "--chunk-rows", str(chunk_rows), "--progress" if progress else "--no-progress",
+                "--device", device, "--model-dtype", model_dtype]
         if store:
             argv += ["--store", store]
         procs = [subprocess.Popen([sys.executable, "-m", "stages.cli", *argv, "--shard", f"{i}/{shards}"])
@@ -92,7 +95,8 @@ def _repair(location: str, data_dir: Path, text_field: str, progress: bool) -> N
         raise UserError(f"{location} is a toy store; delete it and run `nnd harvest --data toy` again")
     cfg = HarvestConfig(lm=m["lm"], data=m["data"], split=m["split"], layers=tuple(layers), tokens=int(m["n_rows"]),
                         ctx=int(m["ctx"]), dtype=m["dtype"], compressor=m["compressor"], data_dir=data_dir,
-                        store=location, text_field=text_field, chunk_rows=int(m["chunk_rows"]))
+                        store=location, text_field=text_field, chunk_rows=int(m["chunk_rows"]),
+                        model_dtype=m.get("model_dtype", "float32"))
     summary = run_harvest(cfg, progress=progress, repair=True)
     after = verify(location)
     if not after.ok:

@@ -132,6 +132,23 @@ MAKE_VARS.update({
 })
 
 
+# ---- distributed training (issue 14): `make train NPROC=2` --------------------------------------
+NPROC = 1                 # processes per node (torchrun); 1 = no launcher
+NNODES = 1
+SPREAD = "ddp"            # ddp: each batch split over the processes; sweep: the dictionaries dealt out
+MASTER_ADDR = "127.0.0.1"
+MASTER_PORT = 29500
+CHOICES |= {"SPREAD": ("ddp", "sweep")}
+MAKE_VARS.update({
+    "NPROC": (_make(NPROC), "train: processes per node (torchrun, DDP with gloo on CPU / NCCL on GPU)"),
+    "NNODES": (_make(NNODES), "train: nodes of a multi-node run (run the same make on each)"),
+    "NODE_RANK": ("0", "train: this node's rank (0..NNODES-1)"),
+    "MASTER_ADDR": (MASTER_ADDR, "train: address of node 0 (multi-node)"),
+    "MASTER_PORT": (_make(MASTER_PORT), "train: port on node 0 (multi-node)"),
+    "SPREAD": (SPREAD, "train with NPROC>1: ddp (batches split) | sweep (dictionaries dealt to processes)"),
+})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["make-vars"]:

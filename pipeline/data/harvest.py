@@ -26,7 +26,7 @@ from pipeline.core.hashing import canonical_hash
 from pipeline.core.io import check_writable
 from pipeline.core.progress import progress_bar
 from pipeline.core import paths
-from pipeline.data.models import HOOKS, LoadedLM, StopForward, load_lm
+from pipeline.data.models import HOOKS, MODEL_DTYPES, LoadedLM, StopForward, check_device, load_lm
 from pipeline.data.store import COMPRESSORS, DTYPES, TARGET_CHUNK_ROWS, Root, StoreWriter, check_finite, chunk_rows_for, meta_lock, writer_lock
 from pipeline.data.tokens import DEFAULT_CTX, TokenTable, pack
 
@@ -47,6 +47,10 @@ class HarvestConfig:
     n_shards: int = 1
     text_field: str = "text"
     chunk_rows: int = TARGET_CHUNK_ROWS  # rounded down to whole sequences
+    device: str = "cpu"  # cpu, cuda, cuda:N
+    # the model's weights and compute: float32 (the default, as on CPU) or bfloat16 (GPU: about
+    # half the time; the stored activations differ, so a bf16 store is a different store)
+    model_dtype: str = "float32"
 
     def __post_init__(self):
         if self.tokens <= 0:
@@ -65,6 +69,9 @@ class HarvestConfig:
             raise UserError(f"CHUNK_ROWS={self.chunk_rows} must be a positive number of rows, e.g. CHUNK_ROWS=8192")
         if not self.layers:
             raise UserError("LAYERS is empty; give at least one layer, e.g. LAYERS=0-3")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise UserError(f"MODEL_DTYPE={self.model_dtype} is not one of {', '.join(MODEL_DTYPES)}")
+        check_device(self.device)
 
     @property
     def location(self) -> str:
@@ -144,13 +151,17 @@ class _ChunkWriter:
         while (item := self.q.get()) is not None:
             if self.error is None:
                 try:
-                    self.writer.write_chunk(*item)
+                    layer, chunk, values, ready = item
+                    if ready is not None:  # the GPU -> pinned host copies of this chunk have landed
+                        ready.synchronize()
+                    self.writer.write_chunk(layer, chunk, {h: v.numpy() for h, v in values.items()})
                 except BaseException as e:  # re-raised on the main thread
                     self.error = e
 
-    def put(self, layer: int, chunk: int, values: dict[str, np.ndarray]):
+    def put(self, layer: int, chunk: int, values: dict[str, torch.Tensor], ready=None):
+        """``values`` on the host; on a GPU, pinned and still being copied until ``ready`` (a CUDA event)."""
         self._raise()
-        self.q.put((layer, chunk, values))
+        self.q.put((layer, chunk, values, ready))
 
     def close(self):
         self.q.put(None)
@@ -164,9 +175,12 @@ class _ChunkWriter:
 
 def store_identity(cfg: HarvestConfig, lm: LoadedLM) -> dict:
     """The manifest fields that say what a store holds (``store.IDENTITY_FIELDS``)."""
-    return {"lm": cfg.lm, "lm_weights_sha256": lm.weights_sha256, "data": cfg.data, "split": cfg.split, "ctx": cfg.ctx,
-            "bos_token_id": lm.bos_token_id, "separator_token_id": lm.separator_token_id, "dtype": cfg.dtype,
-            "compressor": cfg.compressor, "chunk_rows": chunk_rows_for(cfg.ctx, cfg.chunk_rows)}
+    identity = {"lm": cfg.lm, "lm_weights_sha256": lm.weights_sha256, "data": cfg.data, "split": cfg.split,
+                "ctx": cfg.ctx, "bos_token_id": lm.bos_token_id, "separator_token_id": lm.separator_token_id,
+                "dtype": cfg.dtype, "compressor": cfg.compressor, "chunk_rows": chunk_rows_for(cfg.ctx, cfg.chunk_rows)}
+    if cfg.model_dtype != "float32":  # recorded only when not the default, so older fp32 stores keep their identity
+        identity["model_dtype"] = cfg.model_dtype
+    return identity
 
 
 def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> HarvestSummary:
@@ -176,7 +190,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
     layers = sorted(set(cfg.layers))
     root = Root(cfg.location)
     _check_writable(root)
-    lm = load_lm(cfg.lm, cfg.data_dir)
+    lm = load_lm(cfg.lm, cfg.data_dir, cfg.device, cfg.model_dtype)
     lm.check_layers(layers)
     lm.check_ctx(cfg.ctx)
     per_seq = cfg.ctx - 1
@@ -211,15 +225,19 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
         try:
             for c, missing in todo:
                 ids = torch.from_numpy(table.ids[c * seqs_per_chunk : (c + 1) * seqs_per_chunk]).long()
-                acts = capture(lm, ids, {l: tuple(hooks) for l in missing})
+                acts = capture(lm, ids.to(lm.device), {l: tuple(hooks) for l in missing})
                 for layer in missing:
                     values = {}
                     for h in hooks:
                         x = acts[(layer, h)][:, 1:].reshape(-1, lm.d_model)
                         if cfg.dtype == "float16" and not bool(x.abs().max() <= FP16_MAX):
-                            check_finite(x.float().numpy(), layer, h, c, cfg.dtype)  # names the problem
-                        values[h] = x.to(torch_dtype).numpy()
-                    chunk_writer.put(layer, c, values)
+                            check_finite(x.float().cpu().numpy(), layer, h, c, cfg.dtype)  # names the problem
+                        values[h] = _to_host(x.to(torch_dtype))
+                    ready = None
+                    if lm.device.type == "cuda":
+                        ready = torch.cuda.Event()
+                        ready.record()
+                    chunk_writer.put(layer, c, values, ready)
                     summary.computed_chunks[layer] = summary.computed_chunks.get(layer, 0) + 1
                     summary.bytes_written += sum(v.nbytes for v in values.values())
                 rows = ids.shape[0] * per_seq
@@ -233,6 +251,16 @@ def harvest(cfg: HarvestConfig, progress: bool = True, repair: bool = False) -> 
             summary.complete_layers = writer.finalize()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor as is; a GPU one copied without blocking into fresh pinned memory (the
+    writer thread waits for the copy's event), so the next forward starts at once."""
+    if x.device.type == "cpu":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    return host
 
 
 def _stored_manifest(root: Root) -> dict:

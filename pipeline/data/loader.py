@@ -25,7 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -105,6 +105,14 @@ class ActivationLoader:
         self.rows_consumed = 0
         self.pin = torch.device(cfg.device).type == "cuda"
 
+    def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One batch from slices of groups; for a GPU into fresh pinned memory (torch caches those
+        blocks), so the copy to the device is asynchronous (a plain torch.cat is pageable)."""
+        if len(parts) == 1 and (not self.pin or parts[0].is_pinned()):
+            return parts[0]
+        out = torch.empty((sum(len(p) for p in parts), parts[0].shape[1]), dtype=parts[0].dtype, pin_memory=self.pin)
+        return torch.cat(parts, out=out)
+
     # ----- position -------------------------------------------------------
     def state_dict(self) -> dict:
         return {"rows_consumed": self.rows_consumed, "seed": self.cfg.seed, "rank": self.cfg.rank,
@@ -112,7 +120,8 @@ class ActivationLoader:
                 "batch_size": self.cfg.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "rank", "world_size", "buffer_chunks"):
+        # not "rank": every rank of a run consumes the same number of rows, and rank 0's state serves all
+        for name in ("seed", "world_size", "buffer_chunks"):
             if state[name] != getattr(self.cfg, name):
                 raise UserError(f"cannot resume: the saved loader used {name}={state[name]}, this run {getattr(self.cfg, name)}")
         self.rows_consumed = int(state["rows_consumed"])
@@ -239,8 +248,7 @@ class ActivationLoader:
                             pending[0] = {k: v[take:] for k, v in head.items()}
                         need -= take
                     pending_rows -= batch
-                    out = {k: (parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts]))
-                           for k in self.keys}
+                    out = {k: self._joined([p[k] for p in parts]) for k in self.keys}
                     if device.type != "cpu":
                         out = {k: v.to(device, non_blocking=True) for k, v in out.items()}
                     self.rows_consumed += batch
@@ -248,3 +256,31 @@ class ActivationLoader:
         finally:
             stop.set()
             thread.join(timeout=5)
+
+
+class StreamsLoader:
+    """One process reading exactly the global batches of an N-process run: the batches of
+    streams (ranks) 0..N-1, each ``batch_size / N`` rows, concatenated in rank order. It
+    reproduces a distributed run in one process (``nnd train --data-streams N``)."""
+
+    def __init__(self, store: HarvestStore, keys: list[Key], cfg: LoaderConfig, streams: int,
+                 sources: dict[Key, HarvestStore] | None = None):
+        if streams < 1 or cfg.batch_size % streams:
+            raise UserError(f"the batch size {cfg.batch_size} must be a multiple of the {streams} data streams")
+        self.parts = [ActivationLoader(store, keys, replace(cfg, batch_size=cfg.batch_size // streams, rank=r,
+                                                            world_size=streams), sources) for r in range(streams)]
+        self.store, self.sources, self.keys, self.cfg = store, self.parts[0].sources, self.parts[0].keys, cfg
+
+    def state_dict(self) -> dict:
+        return self.parts[0].state_dict()  # every stream is at the same position
+
+    def load_state_dict(self, state: dict) -> None:
+        for part in self.parts:
+            part.load_state_dict(state)
+
+    def warn_if_reused(self, n_rows: int) -> None:
+        self.parts[0].warn_if_reused(n_rows // len(self.parts))
+
+    def __iter__(self) -> Iterator[dict[Key, torch.Tensor]]:
+        for batches in zip(*self.parts):
+            yield {k: torch.cat([b[k] for b in batches]) for k in self.keys}

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.core.errors import UserError
+from pipeline.methods import collective
 from pipeline.methods.sparsity import SPARSITY, SparsitySettings
 
 ENCODER_INIT_SCALE = 0.1  # W_enc rows start at norm 0.1 (Conerly et al. 2024 start W_dec there)
@@ -191,8 +192,8 @@ class SparseCoder(nn.Module):
     def record_firing(self, fired: list[Tensor], n_tokens: int) -> None:
         """``fired``: one [n_latents] bool mask per sparsity piece (source layer)."""
         counts = self.tokens_since_fired.view(len(fired), -1)
-        counts += n_tokens
-        for row, mask in zip(counts, fired):
+        counts += n_tokens  # tokens of the global batch
+        for row, mask in zip(counts, collective.any_rank(torch.stack(fired))):
             row[mask] = 0
 
     def dead_mask(self, window_tokens: int) -> Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pipeline.methods.kernels as kernels
+from pipeline.methods import collective
 from pipeline.methods.kernels import TRAIN_MATMUL_DTYPE
 
 # A row is "massive" when its target norm exceeds this multiple of the median norm.
@@ -72,11 +73,19 @@ def auxk_loss(preacts: Tensor, dead: Tensor, x: Tensor, W_enc: Tensor, b_enc: Te
     miss, energy = (recon - residual).pow(2), residual.pow(2)
     if weight is not None:
         miss, energy = miss * weight, energy * weight
-    return coef * miss.sum() / energy.sum().clamp_min(1e-12)
+    # a distributed run normalises by the energy of the global batch (the mean over ranks of each
+    # rank's sum: DDP's gradient average then gives exactly the one-process loss)
+    return coef * miss.sum() / collective.mean_over_ranks(energy.sum().detach()).clamp_min(1e-12)
 
 
 def fvu(err: Tensor, y: Tensor) -> Tensor:
-    return err.pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+    """Fraction of variance unexplained over the rows (of every rank of a distributed run)."""
+    if collective.world_size() == 1:
+        return err.pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+    n = collective.sum_over_ranks(torch.tensor(float(y.shape[0]), device=y.device))
+    mean = collective.sum_over_ranks(y.sum(0)) / n.clamp_min(1)
+    return collective.sum_over_ranks(err.pow(2).sum()) / \
+        collective.sum_over_ranks((y - mean).pow(2).sum()).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -84,8 +93,9 @@ def fvu_metrics(err: Tensor, y: Tensor, massive_norm: Tensor) -> dict[str, Tenso
     """FVU on all rows and on the rows whose target norm is below ``massive_norm``."""
     out = {"fvu": fvu(err, y)}
     normal = y.norm(dim=-1) <= massive_norm
-    out["fvu_normal"] = fvu(err[normal], y[normal]) if normal.any() else torch.tensor(float("nan"))
-    out["massive_frac"] = 1 - normal.float().mean()
+    any_normal = collective.any_rank(normal.any().view(1))[0]
+    out["fvu_normal"] = fvu(err[normal], y[normal]) if any_normal else torch.tensor(float("nan"))
+    out["massive_frac"] = 1 - collective.mean_over_ranks(normal.float().mean())
     return out
 
 

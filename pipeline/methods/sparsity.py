@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.methods import collective
 from pipeline.methods.codes import SPARSE_DECODE_MAX_DENSITY, Codes, DenseCodes, SparseCodes
 from pipeline.methods.calibration import L0Calibrator
 from pipeline.methods.kernels import (TRAIN_MATMUL_DTYPE, JumpReLUFn, SelectedPreacts, SparsePattern, StepFn, argsort,
@@ -160,23 +161,34 @@ class BatchTopK(_SparseSelection):
             mask = pre > self.threshold.clamp_min(0).to(pre.dtype)
             rows, cols = mask.nonzero(as_tuple=True)
             return pre[rows, cols], SparsePattern.from_rows(rows, cols, n_rows, self.n_latents)
+        if collective.world_size() > 1:
+            return self._select_across_ranks(pre)
         selected = self._select_by_threshold(pre)
         if selected is not None:
             return selected
         # Two stages, exact: each row's top CANDIDATES x k first (cheap, per row),
         # then the batch's top k x batch among those. Only if some row had all
         # its candidates selected could a row hold more; then redo it flat.
+        n_sel = self.k * n_rows
         n_cand = min(self.n_latents, BATCHTOPK_CANDIDATES * self.k)
-        cand_values, cand_cols = pre.topk(n_cand, dim=-1, sorted=False)
-        values, flat = cand_values.reshape(-1).topk(self.k * n_rows, sorted=False)
+        cand_values = pre.topk(n_cand, dim=-1, sorted=False).values
+        values = cand_values.reshape(-1).topk(n_sel, sorted=False).values
         if n_cand < self.n_latents and (cand_values.min(dim=1).values >= values.min()).any():
-            values, flat = pre.reshape(-1).topk(self.k * n_rows, sorted=False)
-            rows, cols = flat // self.n_latents, flat % self.n_latents
-        else:
-            rows, cols = flat // n_cand, cand_cols.reshape(-1)[flat]
-        order = argsort(rows * self.n_latents + cols)
-        rows, cols = rows[order], cols[order]
-        return values[order], SparsePattern.from_rows(rows, cols, n_rows, self.n_latents)
+            values = pre.reshape(-1).topk(n_sel, sorted=False).values
+        return self._keep_largest(pre, values.min(), n_sel)
+
+    @staticmethod
+    def _keep_largest(pre: Tensor, threshold: Tensor, n_sel: int, ties_before: int = 0) -> tuple[Tensor, SparsePattern]:
+        """The entries above ``threshold``, then ties at it in row-major order, up to ``n_sel`` in all
+        (``ties_before``: ties taken by earlier rows of the global batch, on lower ranks). One
+        rule for every path, so a selection never depends on how a tie was broken."""
+        n_rows, n_latents = pre.shape
+        flat = pre.reshape(-1)
+        above, ties = flat > threshold, flat == threshold
+        spare = n_sel - ties_before - int(collective.sum_over_ranks(above.sum()))
+        keep = above | (ties & (ties.cumsum(0) <= max(0, spare)))
+        index = keep.nonzero().squeeze(1)
+        return flat[index], SparsePattern.from_rows(index // n_latents, index % n_latents, n_rows, n_latents)
 
     def _select_by_threshold(self, pre: Tensor) -> tuple[Tensor, SparsePattern] | None:
         """The batch's k x batch largest pre-activations, without a large top-k.
@@ -214,12 +226,25 @@ class BatchTopK(_SparseSelection):
             rows, cols, values = rows[keep], cols[keep], values[keep]
         return values, SparsePattern.from_rows(rows, cols, n_rows, n_latents)
 
+    def _select_across_ranks(self, pre: Tensor) -> tuple[Tensor, SparsePattern]:
+        """The k x global-batch largest pre-activations of the batch all ranks hold together
+        (this rank's rows are one slice of it): what one process selects on the whole
+        batch, ties at the threshold kept in rank order, then row-major order, as there."""
+        n_sel = self.k * pre.shape[0] * collective.world_size()
+        flat = pre.reshape(-1)
+        # the global selection takes at most n_sel entries from any one rank
+        candidates = collective.gather(flat.topk(min(n_sel, flat.numel()), sorted=False).values.float())
+        threshold = candidates.kthvalue(candidates.numel() - n_sel + 1).values.to(pre.dtype)
+        ties = collective.gather((flat == threshold).sum().view(1))
+        return self._keep_largest(pre, threshold, n_sel, int(ties[: collective.rank()].sum()))
+
     @torch.no_grad()
     def update(self, codes):
         positive = codes.values[codes.values > 0]
-        if positive.numel() == 0:
+        smallest = positive.min().float() if positive.numel() else torch.tensor(float("inf"), device=positive.device)
+        smallest = collective.min_over_ranks(smallest)
+        if not torch.isfinite(smallest):
             return
-        smallest = positive.min().float()
         decay = self.settings.threshold_decay
         self.threshold.copy_(smallest if self.threshold.isnan() else decay * self.threshold + (1 - decay) * smallest)
 
@@ -255,10 +280,13 @@ class _TargetL0(Sparsity):
     def coef(self) -> Tensor:
         return self.log_coef.exp()
 
+    def l0_error(self, codes: Codes) -> Tensor:
+        """The relative L0 error of the (global) batch, clipped to [-1, 1]."""
+        return ((collective.mean_over_ranks(codes.l0()) - self.k) / self.k).clamp(-1, 1)
+
     @torch.no_grad()
     def update(self, codes):
-        error = ((codes.l0() - self.k) / self.k).clamp(-1, 1)
-        self.log_coef.add_(self.settings.controller_rate * error)
+        self.log_coef.add_(self.settings.controller_rate * self.l0_error(codes))
 
     def extra_config(self):
         out = {"penalty_coef": float(self.coef)}
@@ -367,8 +395,8 @@ class JumpReLU(_TargetL0):
         common shift of all log-thresholds: the coefficient acts only through
         Adam steps that shrink with the cosine schedule, and short runs ended
         far from the target L0 (14 or 80 for k=32) without this direct term."""
-        error = ((codes.l0() - self.k) / self.k).clamp(-1, 1)
-        super().update(codes)
+        error = self.l0_error(codes)
+        self.log_coef.add_(self.settings.controller_rate * error)
         self.log_threshold.add_(self.settings.controller_rate * error)
 
     def calibrator(self) -> L0Calibrator:

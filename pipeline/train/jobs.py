@@ -17,7 +17,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.io import check_writable, exclusive_locks
 from pipeline.core.hashing import canonical_hash
 from pipeline.data.loader import ActivationLoader
-from pipeline.methods import REGISTRY
+from pipeline.methods import REGISTRY, collective
 from pipeline.methods.base import TrainJob, TrainRequest
 from pipeline.train.config import TrainConfig
 from pipeline.train.log import plot_curves
@@ -87,10 +87,12 @@ def train_jobs(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader]
     todo = [j for j in jobs if not is_current(j, cfg, content_hash)]
     if not todo:
         return todo
-    check_outputs(todo)
     hashes = {j.name: train_hash(j, cfg, content_hash) for j in todo}
     by_path = {lock_path(j): j for j in todo}
-    with exclusive_locks(list(by_path), lambda p: f"checkpoint {by_path[p].out_dir}"):
+    main = collective.rank() == 0  # in a distributed run rank 0 checks, locks and writes for all
+    if main:
+        check_outputs(todo)
+    with exclusive_locks(list(by_path) if main else [], lambda p: f"checkpoint {by_path[p].out_dir}"):
         for start, group in plan_groups(todo, hashes):
             fit(group, make_loader, cfg, save, {j.name: hashes[j.name] for j in group}, start_step=start, log_dir=log_dir)
     return todo

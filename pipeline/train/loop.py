@@ -22,7 +22,7 @@ import signal
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Callable, Iterator
 
 import torch
@@ -31,8 +31,9 @@ from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.io import write_error
 from pipeline.core.progress import progress_bar
 from pipeline.data.loader import ActivationLoader
+from pipeline.methods import collective
 from pipeline.methods.base import StepOutput, TrainJob, as_keys, select
-from pipeline.train import resume
+from pipeline.train import distributed, resume
 from pipeline.train.config import TrainConfig, default_lr, lr_at
 from pipeline.train.log import RunLogger
 
@@ -44,8 +45,12 @@ class _Run:
 
     def __init__(self, jobs: list[TrainJob], cfg: TrainConfig, hashes: dict[str, str], device: str):
         self.jobs, self.cfg, self.hashes = jobs, cfg, hashes
+        self.device = device
+        self.is_main = collective.rank() == 0
         for j in jobs:
             j.module.to(device)
+        # one process: training_step itself; several: the same call through DDP
+        self.step_fns = {j.name: distributed.step_function(j.module) for j in jobs}
         fused = torch.device(device).type == "cpu" or None
         self.optims = {j.name: torch.optim.Adam(param_groups(j.module), lr=1.0, betas=cfg.betas, eps=cfg.eps, fused=fused)
                        for j in jobs}
@@ -66,8 +71,12 @@ class _Run:
         self.step = start_step
 
     def save_partials(self, loader: ActivationLoader) -> None:
-        with _clear_write_errors(f"the partial state at step {self.step}", self):
-            self._save_partials(loader)
+        """Rank 0 writes (every rank holds the same state); the others wait for it."""
+        if self.is_main:
+            with _clear_write_errors(f"the partial state at step {self.step}", self):
+                self._save_partials(loader)
+        if collective.world_size() > 1:
+            torch.distributed.barrier()
 
     def last_saved_step(self) -> int:
         """The newest step every job has a partial state for (0: none)."""
@@ -111,10 +120,11 @@ def param_groups(module: torch.nn.Module) -> list[dict]:
 
 
 def train_step(job: TrainJob, opt: torch.optim.Optimizer, batch: dict, lr: float, cfg: TrainConfig,
-               with_metrics: bool = True) -> StepOutput:
+               with_metrics: bool = True, step_fn: Callable | None = None) -> StepOutput:
+    """One optimiser step; ``step_fn`` (default ``training_step``) is the DDP-wrapped call in a distributed run."""
     module = job.module
-    out = module.training_step(select(batch, job.input_key), select(batch, job.target_key),
-                               module.dead_mask(cfg.dead_tokens), with_metrics)
+    out = (step_fn or module.training_step)(select(batch, job.input_key), select(batch, job.target_key),
+                                            module.dead_mask(cfg.dead_tokens), with_metrics)
     if not torch.isfinite(out.loss):
         raise UserError(f"{job.name}: the loss became {float(out.loss)}; lower LR (now {lr:.3g}) or check the store")
     opt.zero_grad(set_to_none=True)
@@ -124,7 +134,7 @@ def train_step(job: TrainJob, opt: torch.optim.Optimizer, batch: dict, lr: float
     for group in opt.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     opt.step()
-    module.after_step(out, cfg.batch_size)
+    module.after_step(out, cfg.batch_size)  # cfg.batch_size: the global batch
     return out
 
 
@@ -153,6 +163,10 @@ def _log_row(run: _Run, job: TrainJob, out: StepOutput, lr: float) -> dict:
     values = out.log_values() | {"step": run.step + 1, "tokens": (run.step + 1) * run.cfg.batch_size, "lr": lr,
                                  "dead": float(job.module.dead_mask(run.cfg.dead_tokens).float().mean())}
     values |= job.module.extra_config()
+    if collective.world_size() > 1:  # the mean over ranks (exact for means; FVU's ratio is approximated)
+        names = [k for k, v in values.items() if isinstance(v, float) and k not in ("step", "tokens", "lr")]
+        means = collective.mean_over_ranks(torch.tensor([values[k] for k in names], dtype=torch.float64))
+        values |= dict(zip(names, means.tolist()))
     run.history[job.name].append(values)
     return {f"{job.name}/{k}": v for k, v in values.items() if k not in ("step", "tokens")}
 
@@ -180,6 +194,9 @@ def fit(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: 
     loader = make_loader()
     _check_shapes(jobs, loader)
     run = _Run(jobs, cfg, hashes, loader.cfg.device)
+    if not run.is_main:  # rank 0 alone logs and shows progress
+        cfg = replace(cfg, wandb="disabled", progress=False)
+        run.cfg = cfg
     if start_step:
         run.restore(start_step, loader)
     else:
@@ -198,13 +215,22 @@ def fit(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader], cfg: 
     for j in jobs:
         j.module.eval()
     calibration = calibrate(jobs, loader, cfg)
+    if run.is_main:  # every rank holds the same weights; rank 0 writes them
+        _save_all(run, jobs, cfg, hashes, loader, calibration, tokens_done / elapsed if elapsed > 0 else None,
+                  save, evaluate)
+    if collective.world_size() > 1:
+        torch.distributed.barrier()
+
+
+def _save_all(run: _Run, jobs: list[TrainJob], cfg: TrainConfig, hashes: dict[str, str], loader: ActivationLoader,
+              calibration: dict, tokens_per_s: float | None, save: SaveFn, evaluate) -> None:
     for j in jobs:
         meta = {**j.metadata, "train_hash": hashes[j.name], "train": cfg.result_fields(), "steps": run.step,
                 "tokens": run.step * cfg.batch_size, "dead_window_tokens": cfg.report_dead_tokens,
                 "dead_fraction": float(j.module.dead_mask(cfg.report_dead_tokens).float().mean()),
                 "calibration": calibration.get(j.name), "input_key": list(j.input_key), "target_key": list(j.target_key),
                 "final": run.history[j.name][-1] if run.history[j.name] else {},
-                "tokens_per_s_run": tokens_done / elapsed if elapsed > 0 else None,
+                "tokens_per_s_run": tokens_per_s, "processes": collective.world_size(),
                 "resumed_from_steps": run.resumed_from, "wandb_run_id": run.run_id, **loader.store.provenance()}
         if evaluate is not None:
             meta |= evaluate(j)
@@ -224,7 +250,7 @@ def calibrate(jobs: list[TrainJob], loader: ActivationLoader, cfg: TrainConfig) 
     keys = {k for j in todo for k in as_keys(j.input_key)}
     kept, rows = [], 0  # the rows are read once and fed twice (L0Calibrator's two passes)
     for batch in loader:
-        kept.append({k: batch[k] for k in keys})
+        kept.append(distributed.gather_batch({k: batch[k] for k in keys}))  # every rank: the global rows
         rows += cfg.batch_size
         if rows >= cfg.calibration_tokens:
             break
@@ -254,12 +280,13 @@ def _loop(run: _Run, loader: ActivationLoader, logger: RunLogger, interrupted: d
             break
         log_now = run.step + 1 in points
         if run.step == 0:
+            first = distributed.gather_batch(batch)  # the data-dependent init sees the global batch on every rank
             for j in run.jobs:
-                j.module.init_from_batch(select(batch, j.input_key), select(batch, j.target_key))
+                j.module.init_from_batch(select(first, j.input_key), select(first, j.target_key))
         row = {}
         for j in run.jobs:
             lr = lr_at(run.step, cfg, run.base_lr[j.name])
-            out = train_step(j, run.optims[j.name], batch, lr, cfg, log_now)
+            out = train_step(j, run.optims[j.name], batch, lr, cfg, log_now, run.step_fns[j.name])
             if log_now:
                 row |= _log_row(run, j, out, lr)
         run.step += 1
@@ -270,10 +297,12 @@ def _loop(run: _Run, loader: ActivationLoader, logger: RunLogger, interrupted: d
         bar.update(1)
         due = (cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0) or \
             time.perf_counter() - last_save >= cfg.checkpoint_every_s
-        if run.step < cfg.steps and (due or interrupted["signal"]):
+        # one rank may see a signal, or the clock, a step before another: all act on the same step
+        stop, due = distributed.any_rank_flags([interrupted["signal"] is not None, bool(due)], run.device)
+        if run.step < cfg.steps and (due or stop):
             run.save_partials(loader)
             last_save = time.perf_counter()
-            if interrupted["signal"]:
+            if stop:
                 bar.close()
                 raise Interrupted(f"interrupted at step {run.step}; the same command resumes from there")
     bar.close()
