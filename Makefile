@@ -81,6 +81,10 @@ override V.FLOAT   += CONCEPT
 override V.WORD    += POOL STEER_MODE LABEL_FIELD
 override V.WORDS   += TOPICS
 override OPTIONAL  += TOPICS LABEL_FIELD
+# distributed training and devices (issue 14)
+override V.INT     += NPROC NNODES NODE_RANK MASTER_PORT
+override V.WORD    += SPREAD DEVICE MODEL_DTYPE
+override V.PATH    += MASTER_ADDR
 override USER_VARIABLES := $(foreach c,$(CLASSES),$(V.$(c)))
 # PROMPT is free text: it has no class and is never expanded. Make would expand (and run any
 # $(shell ...) in) a command-line variable to put it in a recipe's environment, so it is not
@@ -172,14 +176,16 @@ test: $(INSTALLED) browser ## run the test suite
 	$(PY) -m pytest -q
 
 # ---- harvest: the stamp records the parameters of the last successful harvest -----------
-HARVEST_PARAMS := layers=$(LAYERS) tokens=$(TOKENS) dtype=$(DTYPE) compressor=$(COMPRESSOR) chunk_rows=$(CHUNK_ROWS)
+HARVEST_PARAMS := layers=$(LAYERS) tokens=$(TOKENS) dtype=$(DTYPE) compressor=$(COMPRESSOR) chunk_rows=$(CHUNK_ROWS)$(if \
+  $(filter-out float32,$(MODEL_DTYPE)), model_dtype=$(MODEL_DTYPE))
 
-harvest: $(HARVEST_STAMP) ## harvest MLP activations: LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR
+harvest: $(HARVEST_STAMP) ## harvest MLP activations: LM DATA LAYERS TOKENS CTX SHARDS DTYPE COMPRESSOR DEVICE MODEL_DTYPE
 
 ifneq ($(HARVEST_STAMP),)
 $(HARVEST_STAMP): $(if $(call differs,$(HARVEST_STAMP),$(HARVEST_PARAMS)),FORCE) | $(INSTALLED)
 	$(NND) harvest --lm $(LM) --data $(DATA) --layers $(LAYERS) --tokens $(TOKENS) --ctx $(CTX) \
-	  --dtype $(DTYPE) --compressor $(COMPRESSOR) --chunk-rows $(CHUNK_ROWS) --shards $(SHARDS) --data-dir $(DATA_DIR)
+	  --dtype $(DTYPE) --compressor $(COMPRESSOR) --chunk-rows $(CHUNK_ROWS) --shards $(SHARDS) --data-dir $(DATA_DIR) \
+	  --device $(DEVICE) --model-dtype $(MODEL_DTYPE)
 	$(call record,$@,$(HARVEST_PARAMS))
 endif
 
@@ -189,10 +195,12 @@ endif
 # nothing downstream of it re-runs.
 TRAIN_PARAMS := tokens=$(TOKENS) epochs=$(EPOCHS) latents=$(or $(LATENTS),0) lr=$(LR) batch=$(BATCH_SIZE) seed=$(SEED) dtype=$(DTYPE)
 TRAIN_OPTS = --layers $(LAYERS) --tokens $(TOKENS) --epochs $(EPOCHS) --latents $(or $(LATENTS),0) --batch-size $(BATCH_SIZE) \
-  $(if $(LR),--lr $(LR)) --seed $(SEED) --wandb $(WANDB) --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR)
+  $(if $(LR),--lr $(LR)) --seed $(SEED) --wandb $(WANDB) --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR) \
+  --device $(DEVICE) --nproc $(NPROC) --nnodes $(NNODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) \
+  --master-port $(MASTER_PORT) --spread $(SPREAD)
 S_DONE_FILES := $(call list,$(S_ALL_DONE))
 
-train: $(S_DONE_FILES) ## train dictionaries: MODEL K KIND LAYERS LATENTS TOKENS EPOCHS BATCH_SIZE LR SEED WANDB
+train: $(S_DONE_FILES) ## train dictionaries: MODEL K KIND LAYERS LATENTS TOKENS EPOCHS BATCH_SIZE LR SEED WANDB DEVICE NPROC NNODES NODE_RANK MASTER_ADDR SPREAD
 
 ifneq ($(S_DONE_FILES),)
 $(S_DONE_FILES) &: $(if $(call differs,$(TRAIN_STAMP),$(TRAIN_PARAMS)),FORCE) | $(HARVEST_STAMP) $(INSTALLED)
@@ -202,7 +210,7 @@ $(S_DONE_FILES) &: $(if $(call differs,$(TRAIN_STAMP),$(TRAIN_PARAMS)),FORCE) | 
 endif
 
 # ---- evaluate ---------------------------------------------------------------------------
-EVAL_OPTS = --eval-tokens $(EVAL_TOKENS) --data-dir $(DATA_DIR) --eval-dir $(EVAL_DIR)
+EVAL_OPTS = --eval-tokens $(EVAL_TOKENS) --data-dir $(DATA_DIR) --eval-dir $(EVAL_DIR) --device $(DEVICE)
 
 evaluate: | $(INSTALLED) ## evaluate one checkpoint (or a folder of per-layer ones): CKPT EVAL_TOKENS
 	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L0" >&2; exit 2; }

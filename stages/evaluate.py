@@ -47,6 +47,7 @@ def evaluate(
     eval_dir: Optional[Path] = typer.Option(None, help=EVAL_DIR_HELP),
     out: Optional[Path] = typer.Option(None, help="metrics.json path (default: <eval dir>/<method name>/metrics.json)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (model, dictionaries and splices)"),
 ):
     """Splice checkpoints into the live model; write metrics.json.
 
@@ -61,7 +62,7 @@ def evaluate(
     origin = checkpoint_origin(ckpt)
     cfg = EvalConfig(lm=lm or origin.get("lm", "smollm2-135m"), data=data or origin.get("data", "bbc"),
                      ctx=ctx or origin.get("ctx", 128), eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
-                     eval_dir=eval_dir)
+                     eval_dir=eval_dir, device=device)
     model = load_model(cfg)
     methods = load_checkpoints(model, ckpt)
     if out is not None and len(methods) > 1:
@@ -84,6 +85,7 @@ def baselines(
     data_dir: Path = typer.Option(Path(defaults.DATA_DIR), help="root of all stage outputs"),
     eval_dir: Optional[Path] = typer.Option(None, help=EVAL_DIR_HELP),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (model, dictionaries and splices)"),
 ):
     """Zero-ablation, mean-ablation and the neuron baseline over a K sweep; one metrics.json each."""
     from pipeline.eval.config import EvalConfig, load_model
@@ -92,7 +94,7 @@ def baselines(
     from pipeline.core.layers import parse_layers
 
     cfg = EvalConfig(lm=lm, data=data, ctx=ctx, eval_tokens=eval_tokens, dtype=dtype, data_dir=data_dir,
-                     eval_dir=eval_dir)
+                     eval_dir=eval_dir, device=device)
     wanted = parse_layers(layers)
     ks = _ks(k)
     model = load_model(cfg)

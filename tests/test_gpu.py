@@ -56,7 +56,7 @@ def test_harvest_on_the_gpu_equals_the_cpu_store_in_fp32_and_differs_little_in_b
 @needs_gpu
 def test_the_loader_feeds_the_gpu_from_pinned_memory(tmp_path):
     toy = ToyConfig(d_model=32, n_features=64, n_rows=20000, ctx=129)
-    store = HarvestStore.open(write_toy_store(tmp_path / "toy.zarr", toy))
+    store = write_toy_store(tmp_path / "toy.zarr", toy)
     loader = ActivationLoader(store, [(0, "mlp_in")], LoaderConfig(batch_size=3000, device="cuda"))
     assert loader.pin
     batch = next(iter(loader))[(0, "mlp_in")]
@@ -71,7 +71,7 @@ def test_training_on_the_gpu_reaches_the_cpu_result(tmp_path, variant):
     """Same rows, seed and settings on CPU and GPU (bf16 matmuls on both, different kernels):
     the same FVU within 0.02 and L0 at k."""
     toy = ToyConfig(d_model=32, n_features=128, n_rows=32768, mean_active=4, ctx=129)
-    store = HarvestStore.open(write_toy_store(tmp_path / "toy.zarr", toy))
+    store = write_toy_store(tmp_path / "toy.zarr", toy)
     keys = [(0, "mlp_in"), (0, "mlp_out")]
     results = {}
     for device in ("cpu", "cuda"):
@@ -85,3 +85,29 @@ def test_training_on_the_gpu_reaches_the_cpu_result(tmp_path, variant):
         results[device] = checkpoint.read_config(job.out_dir)["metadata"]["final"]
     assert results["cuda"]["fvu"] == pytest.approx(results["cpu"]["fvu"], abs=0.02), results
     assert results["cuda"]["l0"] == pytest.approx(4, rel=0.25), results
+
+
+@needs_gpu
+def test_evaluation_on_the_gpu_gives_the_cpu_metrics(data_dir, tmp_path):
+    from pipeline import checkpoint
+    from pipeline.eval.config import EvalConfig, load_model
+    from pipeline.eval.methods import load_checkpoints, neuron_method
+    from pipeline.eval.run import evaluate_methods
+    from test_splice import transcoder
+
+    harvest(HarvestConfig(**{**SMALL, "layers": (0, 1, 2, 3), "tokens": 600}, data_dir=data_dir), progress=False)
+    results = {}
+    for device in ("cpu", "cuda"):
+        cfg = EvalConfig(lm="tiny-llama", data="bbc", ctx=32, eval_tokens=124, data_dir=data_dir,
+                         eval_dir=tmp_path / device, device=device)
+        lm = load_model(cfg)
+        folder = tmp_path / f"ckpt-{device}"
+        origin = {"lm": "tiny-llama", "lm_weights_sha256": lm.weights_sha256, "data": "bbc", "split": "train", "ctx": 32}
+        for layer in (1, 2):
+            checkpoint.save(transcoder(layer, seed=40 + layer, k=4), folder / f"L{layer}", {"store_manifest": origin})
+        methods = load_checkpoints(lm, [folder]) + [neuron_method(lm, 8, (1, 2))]
+        results[device] = [r.to_json() for r in evaluate_methods(lm, cfg, methods)]
+    for cpu, gpu in zip(results["cpu"], results["cuda"]):
+        for mode in ("single_layer", "all_layers"):
+            assert gpu["modes"][mode]["ce"] == pytest.approx(cpu["modes"][mode]["ce"], rel=1e-4), (cpu["name"], mode)
+            assert gpu["modes"][mode]["fvu"] == pytest.approx(cpu["modes"][mode]["fvu"], rel=1e-3), (cpu["name"], mode)

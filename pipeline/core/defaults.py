@@ -138,8 +138,12 @@ NNODES = 1
 SPREAD = "ddp"            # ddp: each batch split over the processes; sweep: the dictionaries dealt out
 MASTER_ADDR = "127.0.0.1"
 MASTER_PORT = 29500
-CHOICES |= {"SPREAD": ("ddp", "sweep")}
+DEVICE = "cpu"             # harvest / train / evaluate: cpu or cuda (CLI: also cuda:N)
+MODEL_DTYPE = "float32"   # harvest: the model's dtype; bfloat16 on a GPU is faster, its activations differ
+CHOICES |= {"SPREAD": ("ddp", "sweep"), "DEVICE": ("cpu", "cuda"), "MODEL_DTYPE": ("float32", "bfloat16")}
 MAKE_VARS.update({
+    "DEVICE": (DEVICE, "harvest / train / evaluate / baselines: cpu | cuda"),
+    "MODEL_DTYPE": (MODEL_DTYPE, "harvest: the model's dtype, float32 | bfloat16 (a bf16 store is another store)"),
     "NPROC": (_make(NPROC), "train: processes per node (torchrun, DDP with gloo on CPU / NCCL on GPU)"),
     "NNODES": (_make(NNODES), "train: nodes of a multi-node run (run the same make on each)"),
     "NODE_RANK": ("0", "train: this node's rank (0..NNODES-1)"),

@@ -38,7 +38,7 @@ class ConstantSplice:
     def _replace(self, layer: int, record: Record | None):
         def hook(y: Tensor, hook=None) -> Tensor:
             target = rows_of(y)
-            recon = self.values[layer].to(target.dtype).expand_as(target)
+            recon = self.values[layer].to(target.device, target.dtype).expand_as(target)
             if record is not None:
                 record(layer, target, recon, None)
             return put_rows(y, recon)

@@ -27,6 +27,7 @@ class EvalConfig:
     data_dir: Path = Path("data")
     text_field: str = "text"
     eval_dir: Path | None = None  # where this eval set lives; default under data_dir (``out_dir``)
+    device: str = "cpu"  # cpu, cuda, cuda:N: the model, the dictionaries and the splices (not part of the result)
 
     def __post_init__(self):
         if self.eval_tokens <= 0:
@@ -35,6 +36,9 @@ class EvalConfig:
             raise UserError(f"CTX={self.ctx} must be at least 3 (BOS, a replaced token and its prediction)")
         if self.dtype not in DTYPES:
             raise UserError(f"DTYPE={self.dtype} is not one of {', '.join(DTYPES)}")
+        from pipeline.data.models import check_device
+
+        check_device(self.device)
 
     @property
     def n_seq(self) -> int:
@@ -59,7 +63,7 @@ class EvalConfig:
 def load_model(cfg: EvalConfig):
     from pipeline.data.models import load_lm
 
-    lm = load_lm(cfg.lm, cfg.data_dir)
+    lm = load_lm(cfg.lm, cfg.data_dir, cfg.device)
     if cfg.dtype != "float32":
         lm.bridge.to(DTYPES[cfg.dtype])
     return lm

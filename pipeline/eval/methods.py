@@ -100,7 +100,7 @@ def load_checkpoints(lm, given: Sequence[Path]) -> list[EvalMethod]:
 
 def _method(lm, loaded: list[checkpoint.Checkpoint]) -> EvalMethod:
     spec = loaded[0].spec
-    modules = [c.module for c in loaded]
+    modules = [c.module.to(lm.device) for c in loaded]
     decomposition = spec.combine(modules)
     lm.check_layers(list(decomposition.layers))
     splice_hook = lm.mlp_out_hook_for_splice

@@ -30,9 +30,9 @@ from pipeline.methods.losses import MASSIVE_FACTOR
 REFERENCE_VERSION = 3  # 3: content-deduplicated split, windows round-robin over documents
 
 
-def batches(tokens: Tensor) -> Iterator[Tensor]:
+def batches(tokens: Tensor, device: torch.device | str = "cpu") -> Iterator[Tensor]:
     for start in range(0, tokens.shape[0], EVAL_BATCH):
-        yield tokens[start : start + EVAL_BATCH]
+        yield tokens[start : start + EVAL_BATCH].to(device)
 
 
 @dataclass
@@ -88,6 +88,7 @@ def reference(lm, cfg: EvalConfig, progress: bool = False) -> Reference:
         massive = {l: MASSIVE_FACTOR * float(n.median()) for l, n in norms.items()}
         info = {"identity": identity, "tokens_sha256": _tokens_hash(tokens), "clean_ce": float(ce.double().mean()),
                 "massive_norm": massive, "massive_factor": MASSIVE_FACTOR, "ablations": {}}
+        hidden, ce = hidden.cpu(), ce.cpu()  # kept on the host; batches go to the model's device as they are used
         write_atomic(tensors_path, lambda tmp: save_file({"tokens": tokens, "hidden": hidden.contiguous(), "ce": ce}, tmp))
         write_json_atomic(info_path, info, json_default)
         return Reference(tokens, hidden, ce, info)
@@ -105,7 +106,7 @@ def _clean_pass(lm, tokens: Tensor, progress: bool) -> tuple[Tensor, Tensor, dic
     observers = [(splice_hook_name(lm, l), observe(l)) for l in range(lm.n_layers)]
     hidden, ces = [], []
     bar = progress_bar(tokens.shape[0] * (tokens.shape[1] - 1), progress, "eval reference (clean)")
-    for batch in batches(tokens):
+    for batch in batches(tokens, lm.device):
         h = final_hidden(lm, batch, observers)[:, 1:-1].contiguous()
         logp = F.log_softmax(logits(lm, h.reshape(-1, h.shape[-1])), dim=-1)
         ces.append(-logp.gather(1, batch[:, 2:].reshape(-1, 1)).reshape(batch.shape[0], -1))

@@ -75,12 +75,12 @@ def run_jobs(lm, ref: Reference, methods: list[EvalMethod], jobs: list[SpliceJob
     rows_per_seq = ref.tokens.shape[1] - 1
     bar = progress_bar(ref.tokens.shape[0] * rows_per_seq * len(jobs), progress, f"eval {len(jobs)} splices")
     start = 0
-    for batch in batches(ref.tokens):
+    for batch in batches(ref.tokens, lm.device):
         n = batch.shape[0]
         d = ref.hidden.shape[-1]
         with torch.inference_mode():
-            clean = CleanBatch.from_hidden(lm, ref.hidden[start : start + n], batch[:, 2:].reshape(-1),
-                                           ref.ce[start : start + n].reshape(-1))
+            clean = CleanBatch.from_hidden(lm, ref.hidden[start : start + n].to(lm.device), batch[:, 2:].reshape(-1),
+                                           ref.ce[start : start + n].reshape(-1).to(lm.device))
             for job in jobs:
                 s = stats[job]
                 hooks = methods[job.method].splice.hooks(lm, job.replace, s.record)

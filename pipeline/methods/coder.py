@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.core.errors import UserError
-from pipeline.methods import collective
+import pipeline.methods.collective as collective
 from pipeline.methods.sparsity import SPARSITY, SparsitySettings
 
 ENCODER_INIT_SCALE = 0.1  # W_enc rows start at norm 0.1 (Conerly et al. 2024 start W_dec there)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import pipeline.methods.kernels as kernels
-from pipeline.methods import collective
+import pipeline.methods.collective as collective
 from pipeline.methods.kernels import TRAIN_MATMUL_DTYPE
 
 # A row is "massive" when its target norm exceeds this multiple of the median norm.

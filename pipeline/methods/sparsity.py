@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.methods import collective
+import pipeline.methods.collective as collective
 from pipeline.methods.codes import SPARSE_DECODE_MAX_DENSITY, Codes, DenseCodes, SparseCodes
 from pipeline.methods.calibration import L0Calibrator
 from pipeline.methods.kernels import (TRAIN_MATMUL_DTYPE, JumpReLUFn, SelectedPreacts, SparsePattern, StepFn, argsort,

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.core.errors import UserError
-from pipeline.methods import collective
+import pipeline.methods.collective as collective
 
 SPREADS = ("ddp", "sweep")
 _HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,252}$")

@@ -17,7 +17,8 @@ from pipeline.core.errors import UserError
 from pipeline.core.io import check_writable, exclusive_locks
 from pipeline.core.hashing import canonical_hash
 from pipeline.data.loader import ActivationLoader
-from pipeline.methods import REGISTRY, collective
+import pipeline.methods.collective as collective
+from pipeline.methods import REGISTRY
 from pipeline.methods.base import TrainJob, TrainRequest
 from pipeline.train.config import TrainConfig
 from pipeline.train.log import plot_curves

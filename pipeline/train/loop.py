@@ -31,7 +31,7 @@ from pipeline.core.errors import Interrupted, UserError
 from pipeline.core.io import write_error
 from pipeline.core.progress import progress_bar
 from pipeline.data.loader import ActivationLoader
-from pipeline.methods import collective
+import pipeline.methods.collective as collective
 from pipeline.methods.base import StepOutput, TrainJob, as_keys, select
 from pipeline.train import distributed, resume
 from pipeline.train.config import TrainConfig, default_lr, lr_at
