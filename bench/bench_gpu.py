@@ -7,6 +7,9 @@
         what a bf16 model changes: relative error of the hooked activations and the clean
         next-token cross-entropy against the fp32 model on held-out text.
     python bench/bench_gpu.py decode
+        (above)
+    python bench/bench_gpu.py loop --data-dir D
+        the loader alone, the training step alone and both: does the GPU wait for data?
         our sparse decode (embedding-bag forward, CSR backward) against the dense fallback
         (codes densified, one matmul each way), forward + backward, 576 -> 4608, k=32.
 """
@@ -109,9 +112,56 @@ def decode_speed(n_rows: int = 4096, d: int = 576, n_latents: int = 4608, k: int
         print(f"| {name} | {1e3 * t:.3f} | {n_rows / t:,.0f} |")
 
 
+def loop_profile(data_dir: Path, batch: int = 4096, steps: int = 128) -> None:
+    """Does the loader keep the GPU fed? The loader alone, the training step alone (one resident
+    batch), and both together, on the fp32 store's layer 3 (TopK transcoder, k=32, 4 x d latents)."""
+    from pipeline.data.harvest import store_path
+    from pipeline.data.loader import ActivationLoader, LoaderConfig
+    from pipeline.data.store import HarvestStore
+    from pipeline.methods.base import TrainJob
+    from pipeline.methods.transcoder import Transcoder, TranscoderConfig
+    from pipeline.train.config import TrainConfig, default_lr
+    from pipeline.train.loop import param_groups, train_step
+
+    store = HarvestStore.open(store_path(data_dir, "smollm2-135m", "bbc", "train", 128))
+    keys = [(3, "mlp_in"), (3, "mlp_out")]
+    d = store.d_model
+    module = Transcoder(TranscoderConfig(variant="topk", k=32, d_in=d, d_out=d, n_latents=4 * d, layer=3))
+    module.init_from_stats(store.stats(*keys[0]), store.stats(*keys[1]))
+    module.cuda().train()
+    opt = torch.optim.Adam(param_groups(module), lr=1.0)
+    job = TrainJob(module, keys[0], keys[1], Path("unused"))
+    cfg = TrainConfig(tokens=batch * steps, batch_size=batch, wandb="disabled", progress=False)
+    lr = default_lr(4 * d)
+
+    def loader():
+        return ActivationLoader(store, keys, LoaderConfig(batch_size=batch, device="cuda"))
+
+    first = next(iter(loader()))
+    module.init_from_batch(first[keys[0]], first[keys[1]])
+    timings = {}
+    for name in ("loader only", "step only (one resident batch)", "loader + step"):
+        it = iter(loader())
+        next(it)  # the first group's read and the thread start are not timed
+        _sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            b = first if name.startswith("step") else next(it)
+            if not name.startswith("loader only"):
+                train_step(job, opt, b, lr, cfg, with_metrics=False)
+        _sync()
+        timings[name] = time.perf_counter() - t
+    print(f"{steps} steps of {batch} rows, TopK k=32, {d} -> {4 * d}, {torch.cuda.get_device_name()}")
+    print("| what | seconds | rows/s |\n|---|---:|---:|")
+    for name, seconds in timings.items():
+        print(f"| {name} | {seconds:.2f} | {steps * batch / seconds:,.0f} |")
+    stall = timings["loader + step"] - timings["step only (one resident batch)"]
+    print(f"\ntime the step waited on the loader: {stall:.2f} s of {timings['loader + step']:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("harvest", "dtype", "decode"))
+    ap.add_argument("what", choices=("harvest", "dtype", "decode", "loop"))
     ap.add_argument("--data-dir", type=Path, default=Path("data"))
     ap.add_argument("--tokens", type=int, default=2**20)
     ap.add_argument("--layers", default="3")
@@ -123,6 +173,8 @@ def main() -> None:
         harvest_speed(args.data_dir, args.tokens, args.layers)
     elif args.what == "dtype":
         dtype_effect(args.data_dir)
+    elif args.what == "loop":
+        loop_profile(args.data_dir)
     else:
         decode_speed()
 

@@ -42,4 +42,5 @@ for p in sorted(glob.glob('$CKPTS/*/config.json')):
 step evaluate 60 python3 -m stages.cli evaluate --device cuda --ckpt "$CKPTS" --eval-tokens 4096 --data-dir "$DATA" --no-progress
 step dtype 45 python3 bench/bench_gpu.py dtype --data-dir "$DATA"
 step decode 25 python3 bench/bench_gpu.py decode
+step loop 60 python3 bench/bench_gpu.py loop --data-dir "$DATA"
 cat "$OUT/summary.txt"

@@ -153,7 +153,7 @@ class CrossLayerTranscoder(SparseCoder):
             if self.cfg.normalize:
                 self.input_scale[p] = (self.cfg.d_in / input_stats[layer]["mean_sq_norm"]) ** 0.5
                 self.target_scale[p] = (self.cfg.d_out / target_stats[layer]["mean_sq_norm"]) ** 0.5
-            self.b_dec[p] = torch.tensor(target_stats[layer]["mean"], dtype=torch.float32) * self.target_scale[p]
+            self.b_dec[p] = torch.tensor(target_stats[layer]["mean"], dtype=torch.float32, device=self.b_dec.device) * self.target_scale[p]
 
     @torch.no_grad()
     def init_from_batch(self, x: dict[int, Tensor], y: dict[int, Tensor]) -> None:

@@ -87,7 +87,7 @@ class Transcoder(SparseCoder):
         if self.cfg.normalize:
             self.input_scale.fill_((self.cfg.d_in / input_stats["mean_sq_norm"]) ** 0.5)
             self.target_scale.fill_((self.cfg.d_out / target_stats["mean_sq_norm"]) ** 0.5)
-        self.b_dec.copy_(torch.tensor(target_stats["mean"], dtype=torch.float32) * self.target_scale)
+        self.b_dec.copy_(torch.tensor(target_stats["mean"], dtype=torch.float32, device=self.b_dec.device) * self.target_scale)
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor, y: Tensor) -> None:
