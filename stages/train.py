@@ -16,6 +16,7 @@ under torchrun (``pipeline.train.distributed``): DDP over slices of each batch
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -109,6 +110,8 @@ def train(
             raise UserError(f"the {world}-process run failed (exit {code}); the same command resumes from its "
                             f"last partial state")
         return
+    if distributed.in_worker() and os.environ.get("RANK", "0") != "0":
+        warnings.simplefilter("ignore")  # rank 0 says it once
     group = distributed.ProcessGroup.start(device) if world > 1 and spread == "ddp" else None
     rank, size = (int(os.environ.get("RANK", 0)), world) if world > 1 else (0, 1)
     if spread == "sweep":
@@ -125,6 +128,13 @@ def train(
 
     try:
         trained = train_jobs(jobs, make_loader, cfg, log_dir=paths.train_root(data_dir))
+    except RuntimeError as e:
+        if group is None:
+            raise
+        # a peer process died or hung up: its collective fails here; the launcher reports the run in one line
+        if group.is_main:
+            print(f"error: rank 0 lost its process group ({str(e).strip().splitlines()[0][:160]})", file=sys.stderr)
+        raise typer.Exit(1) from None
     finally:
         if group is not None:
             group.close()

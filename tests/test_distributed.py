@@ -138,6 +138,22 @@ def test_kill_9_of_one_worker_then_the_same_command_resumes_identically(tmp_path
             assert torch.equal(a[key], b[key]), f"{name}/{key} differs after kill -9 and resume"
 
 
+def test_two_nodes_on_one_machine_equal_two_local_processes(tmp_path):
+    """The multi-node launch (static rendezvous at MASTER_ADDR:MASTER_PORT), both 'nodes' here."""
+    local, nodes = _data_dir(tmp_path / "local"), _data_dir(tmp_path / "nodes")
+    models, extra = "batchtopk,jumprelu", ("--tokens", "2048")
+    ran = _train(local, *extra, "--nproc", "2", models=models, port=29641)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    procs = [_train(nodes, *extra, "--nnodes", "2", "--node-rank", str(i), "--master-addr", "127.0.0.1",
+                    models=models, port=29642, popen=True) for i in (0, 1)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+    for name in ("batchtopk-k4-L0", "jumprelu-k4-L1"):
+        a, b = _weights(local, name), _weights(nodes, name)
+        for key in a:
+            assert torch.allclose(a[key].double(), b[key].double(), rtol=1e-6, atol=1e-7), f"{name}/{key}"
+
+
 def test_spread_sweep_deals_dictionaries_to_processes_and_each_equals_a_single_process_one(tmp_path):
     one, two = _data_dir(tmp_path / "one"), _data_dir(tmp_path / "two")
     models, ks = "topk", ("--k", "4,8")

@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -88,22 +89,26 @@ def in_worker() -> bool:
 def launch(launch_cfg: Launch, module_args: list[str]) -> int:
     """Run ``python -m <module_args>`` in every process of ``launch_cfg``; returns the exit code.
 
-    torchrun reports a failed worker with a long traceback of its own; the
-    worker has already printed its error, so only the exit code is kept."""
+    The workers' output passes through. torchrun's own log lines and, after a worker failed, its
+    traceback are dropped: the workers have said what went wrong, and the caller says what to do."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "LOGLEVEL": "ERROR"}
     proc = subprocess.Popen(launch_cfg.torchrun_command(module_args), env=env, stderr=subprocess.PIPE, text=True,
                             bufsize=1)
-    in_report = False
+    failed = False
     for line in proc.stderr:
-        in_report = in_report or _agent_report(line)
-        if not in_report:
-            sys.stderr.write(line)
+        if _AGENT_LOG.match(line):
+            failed = failed or line.startswith("E")
+            continue
+        if failed and line.startswith("Traceback (most recent call last):"):
+            break  # torchrun's ChildFailedError report, to the end
+        sys.stderr.write(line)
+    for _ in proc.stderr:
+        pass
     return proc.wait()
 
 
-def _agent_report(line: str) -> bool:
-    """The first line of torchrun's own failure report (its traceback and ChildFailedError)."""
-    return "torch.distributed.elastic" in line or "ChildFailedError" in line
+# torchrun's log lines: "W1130 22:28:14.940000 22852 .../torch/distributed/elastic/...] ..."
+_AGENT_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")
 
 
 @dataclass(frozen=True)
@@ -160,13 +165,17 @@ def step_function(module: nn.Module) -> Callable:
         return module.training_step
     device = next(module.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(_TrainingStep(module), device_ids=ids, broadcast_buffers=False,
-                                   find_unused_parameters=True)
+    # every parameter of a Trainable gets a gradient at every step (DDP checks it); buffers are kept
+    # equal by the methods' collectives, so DDP need not broadcast them at every forward
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+        return DistributedDataParallel(_TrainingStep(module), device_ids=ids, broadcast_buffers=False)
 
 
 def gather_batch(batch: dict) -> dict:
-    """The global batch (every rank's slice, in rank order) on every rank."""
-    return {key: collective.gather(value) for key, value in batch.items()}
+    """The global batch (every rank's slice, in rank order) on every rank. Keys in sorted order:
+    every rank must issue the same collectives in the same order (a set's order is per process)."""
+    return {key: collective.gather(batch[key]) for key in sorted(batch)}
 
 
 def any_rank_flags(flags: list[bool], device: str) -> list[bool]:

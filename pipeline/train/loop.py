@@ -247,7 +247,7 @@ def calibrate(jobs: list[TrainJob], loader: ActivationLoader, cfg: TrainConfig) 
     todo = [j for j in jobs if calibs[j.name] is not None]
     if not todo or cfg.calibration_tokens <= 0:
         return {}
-    keys = {k for j in todo for k in as_keys(j.input_key)}
+    keys = sorted({k for j in todo for k in as_keys(j.input_key)})
     kept, rows = [], 0  # the rows are read once and fed twice (L0Calibrator's two passes)
     for batch in loader:
         kept.append(distributed.gather_batch({k: batch[k] for k in keys}))  # every rank: the global rows
