@@ -104,7 +104,7 @@ def test_folders_written_by_sae_lens_load_as_the_same_function(tmp_path, archite
         torch.testing.assert_close(out, sae(x), rtol=1e-5, atol=1e-5)
 
 
-def test_make_evaluate_puts_a_sae_lens_folder_on_our_plot(tmp_path, models_root):
+def test_our_evaluator_puts_a_folder_saved_by_sae_lens_on_the_plot(tmp_path, models_root):
     """A transcoder saved by sae-lens, evaluated by our evaluator (our environment, real harvest and splice)."""
     tiny = json.loads((models_root / "models" / "tiny-llama" / "config.json").read_text())
     d = tiny["hidden_size"]
