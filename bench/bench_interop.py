@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+CLT_ROWS = 64
+
 
 def dump_rows(store_path: Path, out: Path) -> None:
     from safetensors.torch import save_file
@@ -124,7 +126,9 @@ def measure(args) -> dict:
         per = {}
         with torch.no_grad():
             acts = ct.encode(x)
-            got = ct.forward(x)
+            # circuit-tracer's CLT decode gathers each active latent's decoder over every later layer
+            # ([active, depth - p, d]): ~16 GB for these rows at once, so in slices of CLT_ROWS
+            got = torch.cat([ct.forward(x[:, i:i + CLT_ROWS]) for i in range(0, n, CLT_ROWS)], dim=1)
             want = clt({l: x[l] for l in clt.cfg.layers})
             for layer in clt.cfg.layers:
                 per[layer] = {"latents": errors(clt.encode_layer(layer, x[layer]), acts[layer]),
