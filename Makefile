@@ -172,8 +172,9 @@ $(INSTALLED): requirements.lock requirements-bundled.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-test: $(INSTALLED) browser ## run the test suite
+test: $(INSTALLED) browser ## run the test suite (then tests/interop in .venv-interop: make test-interop)
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-interop
 
 # ---- harvest: the stamp records the parameters of the last successful harvest -----------
 HARVEST_PARAMS := layers=$(LAYERS) tokens=$(TOKENS) dtype=$(DTYPE) compressor=$(COMPRESSOR) chunk_rows=$(CHUNK_ROWS)$(if \
@@ -216,9 +217,10 @@ evaluate: | $(INSTALLED) ## evaluate one checkpoint (or a folder of per-layer on
 	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory>, e.g. CKPT=$(CKPT_ROOT)/topk-k32-L0" >&2; exit 2; }
 	$(NND) evaluate $(foreach c,$(CKPT),--ckpt '$(c)') $(EVAL_OPTS)
 
-export: | $(INSTALLED) ## export a checkpoint to another tool's format: CKPT [FORMAT=circuit-tracer] [OUT]
-	@test -n "$(CKPT)" || { echo "error: set CKPT=<CLT checkpoint directory>" >&2; exit 2; }
-	$(NND) export --format $(FORMAT) --ckpt '$(CKPT)' --out '$(or $(OUT),$(CKPT).$(FORMAT))'
+export: | $(INSTALLED) ## export checkpoints to another tool's format: CKPT [FORMAT=circuit-tracer|saelens] [OUT]
+	@test -n "$(CKPT)" || { echo "error: set CKPT=<checkpoint directory> (a CLT, an SAE/transcoder, or per-layer transcoders)" >&2; exit 2; }
+	@test -n "$(OUT)" -o "$(words $(CKPT))" = 1 || { echo "error: set OUT=<folder> when CKPT names several checkpoints" >&2; exit 2; }
+	$(NND) export --format $(FORMAT) $(foreach c,$(CKPT),--ckpt '$(c)') --out '$(or $(OUT),$(CKPT).$(FORMAT))' --data-dir $(DATA_DIR)
 
 verify: | $(INSTALLED) ## check the harvest store chunk by chunk (size, checksum, NaN/inf, manifest): LM DATA CTX
 	$(NND) verify --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR)
@@ -340,3 +342,20 @@ $(BENCH_VENV)/.installed: requirements.lock
 bench-sparsify: $(BENCH_VENV)/.installed ## ours vs sparsify, TopK SAE + transcoder on the same rows: BENCH_STORE BENCH_LAYER BENCH_TOKENS
 	OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(BENCH_PY) bench/bench_sparsify.py \
 	  --store $(or $(BENCH_STORE),$(STORE)) --layer $(BENCH_LAYER) --tokens $(BENCH_TOKENS)
+
+# ---- interop: our exports loaded by the real sae-lens and circuit-tracer, in a side environment ----
+# They pin older transformers / transformer-lens than .venv, so they never go there (issue 14).
+INTEROP_VENV := .venv-interop
+INTEROP_PY   := $(INTEROP_VENV)/bin/python
+.PHONY: interop-env test-interop
+
+interop-env: $(INTEROP_VENV)/.installed ## side env for tests/interop: torch==2.13.0, sae-lens 6.54.12, circuit-tracer 0.5.0, nnsight 0.6.3
+
+$(INTEROP_VENV)/.installed: requirements-interop.lock
+	test -x $(INTEROP_PY) || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(INTEROP_PY) -m pip install -q --disable-pip-version-check -r requirements-interop.lock
+	touch $@
+
+test-interop: $(INTEROP_VENV)/.installed $(INSTALLED) ## tests/interop in .venv-interop: exports loaded by sae-lens / circuit-tracer, attribution graph
+	$(INTEROP_PY) -m pytest -q -p no:cacheprovider --confcutdir=tests/interop tests/interop

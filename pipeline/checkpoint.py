@@ -8,7 +8,9 @@ in by rename, with a ``done`` marker written last: a directory without
 ``load(path)`` returns a typed ``Checkpoint`` (its module, config, origin and
 training facts) in one trip: the config names its method family, and the
 module is built by that method's spec from ``pipeline.methods.REGISTRY``.
-This module imports no method.
+This module imports no method. A folder in SAELens's format (``cfg.json`` +
+``sae_weights.safetensors``, ``pipeline.methods.saelens``) loads the same way,
+as the transcoder or SAE it describes, so public dictionaries can be evaluated.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from pipeline.core.errors import UserError
 from pipeline.core.io import folder_atomic
-from pipeline.methods import REGISTRY
+from pipeline.methods import REGISTRY, saelens
 from pipeline.methods.base import MethodSpec
 
 WEIGHTS = "weights.safetensors"
@@ -33,6 +35,18 @@ DONE = "done"
 
 def is_done(path: Path) -> bool:
     return (Path(path) / DONE).exists() and (Path(path) / CONFIG).exists()
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A folder that ``load`` reads: ours (config.json) or an SAELens one."""
+    return (Path(path) / CONFIG).exists() or saelens.is_folder(path)
+
+
+def read_metadata(path: Path) -> dict:
+    """What a checkpoint records about its training (``metadata``), without loading weights."""
+    if not (Path(path) / CONFIG).exists() and saelens.is_folder(path):
+        return saelens.read(path)[0]["metadata"]
+    return read_config(path).get("metadata", {})
 
 
 def read_config(path: Path) -> dict:
@@ -85,6 +99,8 @@ class Checkpoint:
 def load(path: str | Path, device: str = "cpu") -> Checkpoint:
     """Any finished checkpoint directory: its module (eval mode) and what it records."""
     path = Path(path)
+    if not (path / CONFIG).exists() and saelens.is_folder(path):
+        return _load_saelens(path, device)
     if not is_done(path):
         raise UserError(f"{path} is not a finished checkpoint (no {DONE} marker); train it first")
     config = read_config(path)
@@ -97,6 +113,21 @@ def load(path: str | Path, device: str = "cpu") -> Checkpoint:
     except Exception as e:  # any failure to build or fill the module from these files means damage
         raise UserError(f"checkpoint {path} is damaged or from another version ({e.__class__.__name__}); "
                         f"delete it and train it again") from None
+    return Checkpoint(path, config, module.to(device).eval(), spec)
+
+
+def _load_saelens(path: Path, device: str) -> Checkpoint:
+    config, tensors = saelens.read(path)
+    spec = REGISTRY.get(config["family"])
+    module = spec.build(config)
+    state = module.state_dict()
+    unknown = set(tensors) - set(state)
+    if unknown:
+        raise UserError(f"{path}: {', '.join(sorted(unknown))} have no place in a {spec.name} module")
+    for name, value in tensors.items():
+        if value.shape != state[name].shape:
+            raise UserError(f"{path}: {name} has shape {tuple(value.shape)}, expected {tuple(state[name].shape)}")
+    module.load_state_dict(state | tensors)
     return Checkpoint(path, config, module.to(device).eval(), spec)
 
 

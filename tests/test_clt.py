@@ -20,7 +20,7 @@ from pipeline import checkpoint
 from pipeline.methods.clt import CLTConfig, CrossLayerTranscoder
 from pipeline.methods.transcoder import Transcoder, TranscoderConfig
 from pipeline.core.errors import UserError
-from pipeline.export.circuit_tracer import export_circuit_tracer, load_circuit_tracer
+from pipeline.export.circuit_tracer import load_circuit_tracer, write_circuit_tracer
 from pipeline.data.harvest import store_path
 from pipeline.data.loader import ActivationLoader, LoaderConfig
 from pipeline.data.store import HarvestStore, StoreWriter, chunk_rows_for
@@ -240,7 +240,7 @@ def test_export_round_trips_with_identical_outputs(tmp_path, variant):
         for layer, y in loaded(x).items():
             assert torch.equal(y, want[layer])
 
-    out = export_circuit_tracer(ckpt, tmp_path / "ct")
+    out = write_circuit_tracer(ckpt, tmp_path / "ct")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.yaml"] + [f"W_{w}_{p}.safetensors" for w in ("enc", "dec") for p in range(3)])
     assert load_file(out / "W_dec_1.safetensors")["W_dec_1"].shape == (N_LATENTS, 2, D)
@@ -259,39 +259,45 @@ def test_export_round_trips_with_identical_outputs(tmp_path, variant):
     assert (back.cfg.variant, back.cfg.k, back.cfg.layers) == (variant, K, clt.cfg.layers)
 
     # Exporting the reloaded module writes the same tensors again.
-    again = export_circuit_tracer(back, tmp_path / "ct2")
+    again = write_circuit_tracer(back, tmp_path / "ct2")
     for name in (p.name for p in out.glob("*.safetensors")):
         a, b = load_file(out / name), load_file(again / name)
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0)
 
 
-def test_nnd_export_writes_the_same_tensors_and_never_overwrites(tmp_path):
+def test_nnd_export_writes_the_same_tensors_and_never_overwrites(tmp_path, data_dir):
+    import json
+
     from conftest import run_nnd
 
     clt = trained_looking_clt("batchtopk")
     checkpoint.save(clt, tmp_path / "ckpt", {"lm": "tiny-llama"})
-    run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"))
-    direct = export_circuit_tracer(tmp_path / "ckpt", tmp_path / "direct")
+    dd = ("--data-dir", str(data_dir))
+    run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), *dd)
+    depth = json.loads((data_dir / "models" / "tiny-llama" / "config.json").read_text())["num_hidden_layers"]
+    direct = write_circuit_tracer(tmp_path / "ckpt", tmp_path / "direct", depth=depth)
+    assert len(list(direct.glob("W_enc_*.safetensors"))) == depth  # padded to the model's depth
     for f in direct.glob("*.safetensors"):
         a, b = load_file(f), load_file(tmp_path / "ct" / f.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "ct" / "model" / "config.json").exists()
     before = (tmp_path / "ct" / "W_dec_0.safetensors").read_bytes()
-    again = run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), check=False)
+    again = run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), *dd, check=False)
     assert again.returncode == 2 and again.stderr.startswith("error: ")
     assert (tmp_path / "ct" / "W_dec_0.safetensors").read_bytes() == before
-    run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), "--overwrite")
+    run_nnd("export", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ct"), "--overwrite", *dd)
 
 
 def test_export_refuses_what_circuit_tracer_cannot_hold(tmp_path):
     with pytest.raises(UserError, match="TopK CLT has no circuit-tracer equivalent"):
-        export_circuit_tracer(trained_looking_clt("topk"), tmp_path / "a")
-    with pytest.raises(UserError, match="layers 0..n-1"):
-        export_circuit_tracer(trained_looking_clt("batchtopk", layers=(1, 2)), tmp_path / "b")
+        write_circuit_tracer(trained_looking_clt("topk"), tmp_path / "a")
+    with pytest.raises(UserError, match="consecutive layers"):
+        write_circuit_tracer(trained_looking_clt("batchtopk", layers=(0, 2)), tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "keep").write_text("x")
     with pytest.raises(UserError, match="exists"):
-        export_circuit_tracer(trained_looking_clt("vanilla"), tmp_path / "c")
+        write_circuit_tracer(trained_looking_clt("vanilla"), tmp_path / "c")
     assert (tmp_path / "c" / "keep").read_text() == "x"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

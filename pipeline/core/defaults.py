@@ -59,7 +59,7 @@ CHOICES = {
     "COMPRESSOR": ("none", "zstd"),
     "KIND": ("transcoder", "sae"),
     "WANDB": ("offline", "online", "disabled"),
-    "FORMAT": ("circuit-tracer",),
+    "FORMAT": ("circuit-tracer", "saelens"),
     "OP": ("ablate", "scale", "set"),
 }
 
@@ -96,7 +96,7 @@ MAKE_VARS: dict[str, tuple[str, str]] = {
     "PARETO_MODELS": (_make(PARETO_MODELS), "methods compared by `make pareto` (any MODEL name, comma list)"),
     "PARETO_K": (_make(PARETO_K), "K sweep of `make pareto` (every method and the neuron baseline)"),
     "CKPT": ("", "checkpoint directory (or folder of per-layer ones) for `make evaluate` / `make export`"),
-    "FORMAT": (_make(FORMAT), "export format of `make export`: circuit-tracer"),
+    "FORMAT": (_make(FORMAT), "export format of `make export`: circuit-tracer or saelens"),
     "OUT": ("", "output folder of `make export` (default: CKPT.FORMAT)"),
     # features, dashboards, interventions (PROMPT, free text, is not listed here: see the Makefile)
     "FEATURE_TOKENS": (_make(FEATURE_TOKENS), "store rows `make features` / `make dashboard` scan (0 = all)"),

@@ -72,10 +72,10 @@ def checkpoint_dirs(given: Sequence[Path]) -> list[Path]:
     for p in map(Path, expanded):
         if not p.exists():
             raise UserError(f"checkpoint {p} does not exist; train it first (make train ...) or fix CKPT")
-        if (p / checkpoint.CONFIG).exists():
+        if checkpoint.is_checkpoint_dir(p):
             found.append(p)
             continue
-        inside = sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".") and (c / checkpoint.CONFIG).exists())
+        inside = sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".") and checkpoint.is_checkpoint_dir(c))
         if not inside:
             raise UserError(f"{p} holds no checkpoints (no */config.json); train them first (make train ...)")
         found.extend(inside)
@@ -84,7 +84,7 @@ def checkpoint_dirs(given: Sequence[Path]) -> list[Path]:
 
 def checkpoint_origin(given: Sequence[Path]) -> dict:
     """lm / data / ctx of the store the first checkpoint was trained on (defaults for evaluate)."""
-    meta = checkpoint.read_config(checkpoint_dirs(given)[0]).get("metadata", {})
+    meta = checkpoint.read_metadata(checkpoint_dirs(given)[0])
     return {k: v for k, v in meta.get("store_manifest", {}).items() if k in ("lm", "data", "ctx")}
 
 

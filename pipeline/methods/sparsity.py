@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import pipeline.methods.collective as collective
+from pipeline.core.errors import UserError
 from pipeline.methods.codes import SPARSE_DECODE_MAX_DENSITY, Codes, DenseCodes, SparseCodes
 from pipeline.methods.calibration import L0Calibrator
-from pipeline.methods.kernels import (TRAIN_MATMUL_DTYPE, JumpReLUFn, SelectedPreacts, SparsePattern, StepFn, argsort,
+from pipeline.methods.kernels import (TRAIN_MATMUL_DTYPE, JumpReLUFn, SelectedPreacts, SparsePattern, StepFn,
                                      dense_preacts, preacts)
 
 # BatchTopK first keeps this many x k candidates per row (see BatchTopK.select).
@@ -430,3 +431,19 @@ def make_sparsity(variant: str, n_latents: int, k: int, settings: SparsitySettin
     if variant not in SPARSITY:
         raise KeyError(variant)
     return SPARSITY[variant](n_latents, k, settings or SparsitySettings())
+
+
+def inference_thresholds(piece: Sparsity) -> Tensor | None:
+    """Per-latent thresholds t such that, outside training, a latent is active iff its
+    pre-activation exceeds t and then equals it (a JumpReLU); None for vanilla (ReLU: t = 0
+    with no threshold tensor) and TopK (a per-row selection, which no threshold reproduces).
+
+    BatchTopK in eval mode keeps pre > max(threshold, 0): one threshold for every latent.
+    """
+    if isinstance(piece, JumpReLU):
+        return piece.log_threshold.detach().exp()
+    if isinstance(piece, BatchTopK):
+        if torch.isnan(piece.threshold):
+            raise UserError("this BatchTopK dictionary has no inference threshold yet (it was never trained); train it first")
+        return piece.threshold.clamp_min(0).expand(piece.n_latents).clone()
+    return None

@@ -215,6 +215,7 @@ class TranscoderSpec(MethodSpec):
     name = "transcoder"
     models = {v: v for v in SPARSITY}
     order = 10
+    exports = ("saelens", "circuit-tracer")
     module_class: type[Transcoder] = Transcoder
     config_class: type[TranscoderConfig] = TranscoderConfig
 
