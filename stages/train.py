@@ -20,12 +20,13 @@ from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
 from pipeline.data.loader import ActivationLoader, LoaderConfig
+from pipeline.data.models import mlp_weights
 from pipeline.data.store import HarvestStore
 from pipeline.methods import REGISTRY
 from pipeline.methods.transcoder import KIND_HOOKS
 from pipeline.train.config import TrainConfig
 from pipeline.train.jobs import build_jobs, train_jobs
-from stages.common import parse_ints, stage
+from stages.common import parse_ints, parse_numbers, stage
 
 
 @stage
@@ -50,6 +51,8 @@ def train(
     checkpoint_every_steps: int = typer.Option(0, help="also save every this many steps (0: off)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     device: str = typer.Option("cpu", help="cpu or cuda (pinned-memory, non-blocking batches)"),
+    init: str = typer.Option(defaults.INIT, help="decoder initialisation: random | rkcnn (SAEs and transcoders)"),
+    prefixes: str = typer.Option(defaults.PREFIXES, help="Matryoshka prefix sizes, fractions of LATENTS (comma list)"),
 ):
     """Train dictionaries on data/harvest/<lm>/<data>/train-ctx<ctx>.zarr."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
@@ -75,7 +78,9 @@ def train(
                       wandb=wandb, checkpoint_every_s=checkpoint_every, checkpoint_every_steps=checkpoint_every_steps,
                       progress=progress)
     jobs = build_jobs(variants, store=store, ks=tuple(ks), layers=tuple(layer_list), n_latents=latents or defaults.WIDTH_PER_D_MODEL * store.d_model,
-                      seed=seed, kind=kind, out=lambda group, name: paths.checkpoint(data_dir, lm, data, ctx, group, name))
+                      seed=seed, kind=kind, out=lambda group, name: paths.checkpoint(data_dir, lm, data, ctx, group, name),
+                      init=init, prefixes=tuple(parse_numbers(prefixes, "PREFIXES", float, "0.125,0.25,0.5,1")),
+                      mlp_weights=lambda layer: mlp_weights(lm, data_dir, layer, store.manifest))
     keys = sorted({key for j in jobs for key in j.keys()})  # a CLT reads many
 
     def make_loader() -> ActivationLoader:

@@ -139,6 +139,11 @@ class TrainRequest:
     seed: int
     kind: str  # transcoder | sae
     out: Callable[[str, str], Path]  # (group, name) -> checkpoint folder
+    init: str = "random"  # decoder initialisation (INIT): random | rkcnn
+    prefixes: tuple[float, ...] = ()  # Matryoshka prefix sizes as fractions of n_latents (PREFIXES); () = default
+    # layer -> the MLP's weights (``pipeline.data.models.MLPWeights``), for methods that decompose
+    # the weights themselves (SPD); None where the caller has no model at hand
+    mlp_weights: Callable[[int], Any] | None = None
 
 
 @dataclass(frozen=True)
