@@ -23,6 +23,7 @@ plain transcoder's, so the learning rate and gradient clipping mean the same.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,13 @@ def cut_state(module: nn.Module, m: int) -> dict[str, Tensor]:
             t = t[..., :m] if layer_major else t[:m]
         out[name] = t.clone()
     return out
+
+
+@runtime_checkable
+class Nested(Protocol):
+    """A dictionary whose first ``m`` latents form a narrower dictionary of their own."""
+
+    def prefix(self, m: int) -> nn.Module: ...
 
 
 # ----- per-layer transcoders and SAEs -------------------------------------------------------
