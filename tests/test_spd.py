@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_nnd
 from pipeline.data.models import load_lm, mlp_weights
 from pipeline.eval.splice import DecompositionSplice, final_hidden, logits
-from pipeline.methods import REGISTRY
 from pipeline.methods.spd import MATRICES, SPDConfig, SPDDecomposition, SPDLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,24 +96,6 @@ def test_spd_recovers_a_planted_mlp_made_of_rank_one_pieces():
     module.finish_calibration(calib)
     acts = module.encode(x)
     assert float(acts.sum(1).mean()) == pytest.approx(3, abs=0.01)
-    err = (module.reconstruct(acts, x) - module.true_output(x)).pow(2).sum() / module.true_output(x).pow(2).sum()
+    with torch.no_grad():
+        err = (module.reconstruct(acts, x) - module.true_output(x)).pow(2).sum() / module.true_output(x).pow(2).sum()
     assert float(err) < 0.05, float(err)
-
-
-def test_spd_trains_evaluates_and_reaches_the_report_through_the_cli(data_dir):
-    common = ["--lm", "tiny-llama", "--data", "bbc", "--ctx", "32", "--data-dir", str(data_dir)]
-    run_nnd("harvest", *common, "--layers", "0-1", "--tokens", "3000", "--chunk-rows", "256", "--no-progress")
-    run_nnd("train", *common, "--model", "spd", "--k", "6", "--layers", "0-1", "--latents", "96",
-            "--batch-size", "256", "--epochs", "1", "--wandb", "disabled", "--no-progress")
-    folder = data_dir / "train" / "tiny-llama" / "bbc" / "ctx32" / "spd"
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["spd-k6-L0", "spd-k6-L1"]
-    out = run_nnd("evaluate", "--ckpt", str(folder), "--eval-tokens", "310", "--data-dir", str(data_dir), "--no-progress")
-    assert "spd-k6-n96-L0-1" in out.stdout
-    import json
-
-    metrics = json.loads((data_dir / "eval" / "tiny-llama" / "bbc" / "ctx32-t310" / "spd-k6-n96-L0-1" / "metrics.json").read_text())
-    single = metrics["modes"]["single_layer"]
-    assert single["active_params"] == pytest.approx(single["mean_l0"] * (64 + 128), rel=1e-6)  # d + d_mlp each
-    assert REGISTRY.get("spd").order > REGISTRY.get("transcoder").order
-    bad = run_nnd("train", *common, "--model", "spd", "--kind", "sae", "--k", "6", "--layers", "0", check=False)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "KIND=transcoder" in bad.stderr

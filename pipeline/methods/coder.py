@@ -116,9 +116,8 @@ class CoderConfig:
             raise UserError(f"aux_k and aux_coef must be >= 0, got {self.aux_k}, {self.aux_coef}")
         if self.decoder_init not in DECODER_INITS:
             raise UserError(f"unknown INIT {self.decoder_init!r}; choose one of {', '.join(DECODER_INITS)}")
-        if not 0 < self.rkcnn_fraction <= 1 or not 1 <= self.rkcnn_dims <= self.d_out:
-            raise UserError(f"rkcnn_fraction must be in (0, 1] and rkcnn_dims in [1, d_out={self.d_out}], "
-                            f"got {self.rkcnn_fraction}, {self.rkcnn_dims}")
+        if not 0 < self.rkcnn_fraction <= 1 or self.rkcnn_dims < 1:  # probes wider than d_out use all of it
+            raise UserError(f"rkcnn_fraction must be in (0, 1] and rkcnn_dims >= 1, got {self.rkcnn_fraction}, {self.rkcnn_dims}")
         if self.rkcnn_score not in RKCNN_SCORES:
             raise UserError(f"rkcnn_score must be one of {', '.join(RKCNN_SCORES)}, got {self.rkcnn_score!r}")
 
