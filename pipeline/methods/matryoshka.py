@@ -77,6 +77,18 @@ def cut_state(module: nn.Module, m: int) -> dict[str, Tensor]:
     return out
 
 
+def cut_prefix(module: nn.Module, m: int) -> nn.Module:
+    """A Matryoshka module's first ``m`` latents (per source layer) as a module of the same class."""
+    c = module.cfg
+    if not 0 < m <= c.n_latents:
+        raise UserError(f"a prefix of {m} latents is not within this dictionary's {c.n_latents}")
+    cfg = replace(c, n_latents=m, prefixes=tuple(p for p in c.prefixes if p < m) + (m,),
+                  trained_latents=c.trained_latents or c.n_latents)
+    cut = type(module)(cfg)
+    cut.load_state_dict(cut_state(module, m))
+    return cut.train(module.training)
+
+
 @runtime_checkable
 class Nested(Protocol):
     """A dictionary whose first ``m`` latents form a narrower dictionary of their own."""
@@ -116,14 +128,7 @@ class MatryoshkaTranscoder(Transcoder):
 
     def prefix(self, m: int) -> "MatryoshkaTranscoder":
         """The dictionary of the first ``m`` latents, as a module of its own (same thresholds)."""
-        c = self.cfg
-        if not 0 < m <= c.n_latents:
-            raise UserError(f"a prefix of {m} latents is not within this dictionary's {c.n_latents}")
-        cfg = replace(c, n_latents=m, prefixes=tuple(p for p in c.prefixes if p < m) + (m,),
-                      trained_latents=c.trained_latents or c.n_latents)
-        cut = type(self)(cfg)
-        cut.load_state_dict(cut_state(self, m))
-        return cut.train(self.training)
+        return cut_prefix(self, m)
 
 
 class MatryoshkaSpec(TranscoderSpec):
@@ -184,14 +189,8 @@ class MatryoshkaCLT(CrossLayerTranscoder):
         return total / len(self.cfg.prefixes), errs
 
     def prefix(self, m: int) -> "MatryoshkaCLT":
-        c = self.cfg
-        if not 0 < m <= c.n_latents:
-            raise UserError(f"a prefix of {m} latents is not within this CLT's {c.n_latents} per layer")
-        cfg = replace(c, n_latents=m, prefixes=tuple(p for p in c.prefixes if p < m) + (m,),
-                      trained_latents=c.trained_latents or c.n_latents)
-        cut = type(self)(cfg)
-        cut.load_state_dict(cut_state(self, m))
-        return cut.train(self.training)
+        """The first ``m`` latents of every source layer, as a CLT of its own."""
+        return cut_prefix(self, m)
 
 
 class MatryoshkaCLTSpec(CLTSpec):

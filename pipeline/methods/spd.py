@@ -50,7 +50,8 @@ from torch import Tensor, nn
 
 from pipeline.core.errors import UserError
 from pipeline.core.layers import layers_label
-from pipeline.methods.base import MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
+from pipeline.methods.base import (MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, one_per_layer,
+                                   parameter_count)
 from pipeline.methods.calibration import L0Calibrator
 from pipeline.methods.coder import CoderConfig, robust_scales
 from pipeline.methods.losses import MASSIVE_FACTOR, capped_mse, fvu_metrics
@@ -354,12 +355,7 @@ class SPDSpec(MethodSpec):
         return (c.k, c.n_latents)
 
     def combine(self, modules: Sequence[nn.Module]) -> SPDDecomposition:
-        by_layer: dict[int, SPDLayer] = {}
-        for m in modules:
-            if m.cfg.layer in by_layer:
-                raise UserError(f"two SPD checkpoints of one configuration for layer {m.cfg.layer}; pass each once")
-            by_layer[m.cfg.layer] = m
-        return SPDDecomposition(by_layer)
+        return SPDDecomposition(one_per_layer(modules))
 
     def describe(self, decomposition, modules) -> dict:
         c = modules[0].cfg

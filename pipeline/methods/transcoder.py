@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.core.errors import UserError
-from pipeline.methods.base import MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
+from pipeline.methods.base import (MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, one_per_layer,
+                                   parameter_count)
 from pipeline.methods.codes import Codes
 from pipeline.methods.coder import (ENCODER_INIT_SCALE, CoderConfig, SparseCoder, linear_tied_encoder,
                                    robust_scales, unit_rows)
@@ -281,12 +282,7 @@ class TranscoderSpec(MethodSpec):
         return (c.kind, c.variant, c.k, c.n_latents, c.decoder_init)
 
     def combine(self, modules: Sequence[nn.Module]) -> LayerwiseDecomposition:
-        by_layer: dict[int, Transcoder] = {}
-        for m in modules:
-            if m.cfg.layer in by_layer:
-                raise UserError(f"two checkpoints of one configuration for layer {m.cfg.layer}; pass each once")
-            by_layer[m.cfg.layer] = m
-        return LayerwiseDecomposition(by_layer)
+        return LayerwiseDecomposition(one_per_layer(modules))
 
     def describe(self, decomposition, modules) -> dict:
         from pipeline.core.layers import layers_label
