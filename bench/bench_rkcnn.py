@@ -1,8 +1,9 @@
 """The measured effect of RkCNN decoder initialisation (INIT=rkcnn) against the default random rows.
 
-    python bench/bench_rkcnn.py toy    --out DIR [--seeds 0,1,2]
-    python bench/bench_rkcnn.py smollm --data-dir DIR --out DIR [--seeds 0,1,2] [--tokens 100000] [--k 32]
-    python bench/bench_rkcnn.py table  --out DIR
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_rkcnn.py toy    --out DIR [--seeds 0,1,2]
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_rkcnn.py smollm --data-dir DIR --out DIR [--seeds 0,1,2]
+                                                                [--tokens 100000] [--k 32]
+    PYTHONPATH=. .venv/bin/python bench/bench_rkcnn.py table  --out DIR
 
 Same budget, same seeds, with and without RkCNN; everything else (data order, the rest of the
 init, the training settings) is equal, because the seed sets both and INIT changes only the
