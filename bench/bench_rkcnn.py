@@ -84,7 +84,9 @@ def toy(out: Path, seeds: list[int]) -> list[dict]:
             probe.init_from_batch(first[j.input_key], first[j.target_key])
             at_init[j.out_dir] = recovered(probe.W_dec.detach(), truth)
         train = TrainConfig(tokens=4 * store.n_rows, batch_size=1024, seed=seed, wandb="disabled", progress=False)
-        train_jobs(jobs, lambda: ActivationLoader(store, keys, LoaderConfig(batch_size=1024, seed=seed)), train)
+        for kind in ("sae", "transcoder"):  # one fit per kind: the SAE and the transcoder share checkpoint names
+            train_jobs([j for j in jobs if j.module.cfg.kind == kind],
+                       lambda: ActivationLoader(store, keys, LoaderConfig(batch_size=1024, seed=seed)), train)
         for j in jobs:
             loaded = checkpoint.load(j.out_dir)
             m = loaded.module
