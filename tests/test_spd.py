@@ -7,7 +7,8 @@ import torch
 
 from pipeline.data.models import load_lm, mlp_weights
 from pipeline.eval.splice import DecompositionSplice, final_hidden, logits
-from pipeline.methods.spd import MATRICES, SPDConfig, SPDDecomposition, SPDLayer
+from pipeline.methods.spd import MATRICES, SPDConfig, SPDLayer
+from pipeline.methods.transcoder import LayerwiseDecomposition
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +32,7 @@ def test_full_rank_spd_with_every_subcomponent_active_is_the_mlp(data_dir):
         modules[layer] = m.eval()
     tokens = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
     clean = _ce(lm, tokens, [])
-    spliced = _ce(lm, tokens, DecompositionSplice(SPDDecomposition(modules)).hooks(lm, layers, None))
+    spliced = _ce(lm, tokens, DecompositionSplice(LayerwiseDecomposition(modules)).hooks(lm, layers, None))
     assert spliced == pytest.approx(clean, abs=1e-4), (spliced, clean)
     assert float(modules[0].encode(torch.randn(3, lm.d_model)).mean()) == 1.0
     # a subcomponent masked out changes the output: the masks are what the splice gates

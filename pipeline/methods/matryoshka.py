@@ -98,12 +98,9 @@ class Nested(Protocol):
 
 # ----- per-layer transcoders and SAEs -------------------------------------------------------
 
-@dataclass(frozen=True)
-class MatryoshkaConfig(TranscoderConfig):
-    prefixes: tuple[int, ...] = ()  # latent counts; () = DEFAULT_PREFIXES of n_latents
-    trained_latents: int = 0  # a cut prefix: the width it was trained at (0: not cut)
-
-    METHOD = "matryoshka"
+class Prefixed:
+    """What both Matryoshka configs add to their base: prefix sizes checked at construction and,
+    for a cut prefix, its parent's K (``prefixes`` and ``trained_latents`` are their fields)."""
 
     def __post_init__(self):
         object.__setattr__(self, "prefixes", tuple(int(p) for p in self.prefixes) or prefix_sizes((), self.n_latents))
@@ -113,6 +110,15 @@ class MatryoshkaConfig(TranscoderConfig):
     @property
     def k_limit(self) -> int:
         return self.trained_latents or self.n_latents
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig(Prefixed, TranscoderConfig):
+    prefixes: tuple[int, ...] = ()  # latent counts; () = DEFAULT_PREFIXES of n_latents
+    trained_latents: int = 0  # a cut prefix: the width it was trained at (0: not cut)
+
+    METHOD = "matryoshka"
+
 
 
 class MatryoshkaTranscoder(Transcoder):
@@ -158,20 +164,12 @@ class MatryoshkaSpec(TranscoderSpec):
 # ----- the cross-layer transcoder ------------------------------------------------------------
 
 @dataclass(frozen=True)
-class MatryoshkaCLTConfig(CLTConfig):
+class MatryoshkaCLTConfig(Prefixed, CLTConfig):
     prefixes: tuple[int, ...] = ()  # latent counts per source layer
     trained_latents: int = 0
 
     METHOD = "matryoshka-clt"
 
-    def __post_init__(self):
-        object.__setattr__(self, "prefixes", tuple(int(p) for p in self.prefixes) or prefix_sizes((), self.n_latents))
-        super().__post_init__()
-        _check_prefixes(self.prefixes, self.n_latents)
-
-    @property
-    def k_limit(self) -> int:
-        return self.trained_latents or self.n_latents
 
     @property
     def name(self) -> str:

@@ -55,6 +55,7 @@ from pipeline.methods.base import (MethodSpec, StepOutput, TrainJob, TrainReques
 from pipeline.methods.calibration import L0Calibrator
 from pipeline.methods.coder import CoderConfig, robust_scales
 from pipeline.methods.losses import MASSIVE_FACTOR, capped_mse, fvu_metrics
+from pipeline.methods.transcoder import LayerwiseDecomposition
 
 MATRICES = ("gate", "up", "down")
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda h: F.gelu(h, approximate="tanh")}
@@ -306,28 +307,6 @@ class SPDLayer(nn.Module):
                 "target_scale": float(self.target_scale), "massive_norm": float(self.massive_norm)}
 
 
-class SPDDecomposition:
-    """Per-layer SPD modules as one ``Decomposition``: latents are subcomponent masks."""
-
-    input_hook = "mlp_in"
-
-    def __init__(self, modules: dict[int, SPDLayer]):
-        self.modules = dict(sorted(modules.items()))
-        self.layers = tuple(self.modules)
-
-    def sources(self, layer: int) -> tuple[int, ...]:
-        return (layer,)
-
-    def n_latents(self, layer: int) -> int:
-        return self.modules[layer].cfg.n_latents
-
-    def encode_layer(self, layer: int, x: Tensor) -> Tensor:
-        return self.modules[layer].encode(x)
-
-    def decode_layer(self, layer: int, acts: dict[int, Tensor], x: Tensor | None = None) -> Tensor:
-        return self.modules[layer].reconstruct(acts[layer], x)
-
-
 class SPDSpec(MethodSpec):
     """MODEL=spd: one SPD per layer and K; LATENTS = 3C subcomponents (C per matrix)."""
 
@@ -361,8 +340,10 @@ class SPDSpec(MethodSpec):
         c = module.cfg
         return (c.k, c.n_latents)
 
-    def combine(self, modules: Sequence[nn.Module]) -> SPDDecomposition:
-        return SPDDecomposition(one_per_layer(modules))
+    def combine(self, modules: Sequence[nn.Module]) -> LayerwiseDecomposition:
+        """Per-layer SPD modules answer ``encode`` / ``reconstruct`` as transcoders do: latents are
+        the subcomponent masks [rows, 3C] (gate | up | down)."""
+        return LayerwiseDecomposition(one_per_layer(modules))
 
     def describe(self, decomposition, modules) -> dict:
         c = modules[0].cfg
