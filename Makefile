@@ -85,6 +85,9 @@ override OPTIONAL  += TOPICS LABEL_FIELD
 override V.INT     += NPROC NNODES NODE_RANK MASTER_PORT
 override V.WORD    += SPREAD DEVICE MODEL_DTYPE
 override V.PATH    += MASTER_ADDR
+# more methods (issue 13): decoder initialisation, Matryoshka prefix sizes
+override V.WORD    += INIT
+override V.FLOATS  += PREFIXES
 override USER_VARIABLES := $(foreach c,$(CLASSES),$(V.$(c)))
 # PROMPT is free text: it has no class and is never expanded. Make would expand (and run any
 # $(shell ...) in) a command-line variable to put it in a recipe's environment, so it is not
@@ -126,9 +129,9 @@ ifneq ($(filter train,$(GOALS)),)
   ifneq ($(filter pareto report baselines,$(GOALS)),)
     $(error run `make train` and `make pareto` as two commands)
   endif
-  SWEEP := --models $(MODEL) --ks $(K) --group $(KIND)
+  SWEEP := --models $(MODEL) --ks $(K) --group $(KIND) --init $(INIT)
 else ifneq ($(filter pareto report baselines,$(GOALS)),)
-  SWEEP := --models $(PARETO_MODELS) --ks $(PARETO_K) --group transcoder
+  SWEEP := --models $(PARETO_MODELS) --ks $(PARETO_K) --group transcoder --init $(INIT)
 endif
 
 # $(call ask,COMMAND OPTIONS): run paths.py, define the NAME=value words it prints
@@ -195,10 +198,12 @@ endif
 # trains only what is missing or stale); an untouched checkpoint keeps its `done` mtime, so
 # nothing downstream of it re-runs.
 TRAIN_PARAMS := tokens=$(TOKENS) epochs=$(EPOCHS) latents=$(or $(LATENTS),0) lr=$(LR) batch=$(BATCH_SIZE) seed=$(SEED) dtype=$(DTYPE)
+TRAIN_PARAMS += init=$(INIT) prefixes=$(PREFIXES)
 TRAIN_OPTS = --layers $(LAYERS) --tokens $(TOKENS) --epochs $(EPOCHS) --latents $(or $(LATENTS),0) --batch-size $(BATCH_SIZE) \
   $(if $(LR),--lr $(LR)) --seed $(SEED) --wandb $(WANDB) --lm $(LM) --data $(DATA) --ctx $(CTX) --data-dir $(DATA_DIR) \
   --device $(DEVICE) --nproc $(NPROC) --nnodes $(NNODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) \
-  --master-port $(MASTER_PORT) --spread $(SPREAD)
+  --master-port $(MASTER_PORT) --spread $(SPREAD) \
+  --init $(INIT) --prefixes $(PREFIXES)
 S_DONE_FILES := $(call list,$(S_ALL_DONE))
 
 train: $(S_DONE_FILES) ## train dictionaries: MODEL K KIND LAYERS LATENTS TOKENS EPOCHS BATCH_SIZE LR SEED WANDB DEVICE NPROC NNODES NODE_RANK MASTER_ADDR SPREAD

@@ -5,6 +5,7 @@ import typer
 from stages import evaluate, export, harvest, train, verify
 from stages import topics
 from stages import features as features_stage
+from stages import prefix as prefix_stage
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nn-decompositions pipeline stages")
 
@@ -28,6 +29,8 @@ app.command()(topics.steer)
 app.command()(features_stage.features)
 app.command()(features_stage.dashboard)
 app.command()(features_stage.intervene)
+# more methods (issue 13): Matryoshka prefixes as narrower dictionaries
+app.command()(prefix_stage.prefix)
 
 if __name__ == "__main__":
     app()

@@ -28,13 +28,14 @@ from pipeline.core import paths
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
 from pipeline.data.loader import ActivationLoader, LoaderConfig, StreamsLoader
+from pipeline.data.models import mlp_weights
 from pipeline.data.store import HarvestStore
 from pipeline.methods import REGISTRY
 from pipeline.methods.transcoder import KIND_HOOKS
 from pipeline.train import distributed
 from pipeline.train.config import TrainConfig
 from pipeline.train.jobs import build_jobs, train_jobs
-from stages.common import parse_ints, stage
+from stages.common import parse_ints, parse_numbers, stage
 
 
 @stage
@@ -66,6 +67,8 @@ def train(
     master_port: int = typer.Option(defaults.MASTER_PORT, help="port on node 0 in a multi-node run"),
     spread: str = typer.Option(defaults.SPREAD, help="ddp (each batch split over processes) or sweep (dictionaries dealt out)"),
     data_streams: int = typer.Option(0, help="one process reading the batches of an N-process DDP run (0: off)"),
+    init: str = typer.Option(defaults.INIT, help="decoder initialisation: random | rkcnn (SAEs and transcoders)"),
+    prefixes: str = typer.Option(defaults.PREFIXES, help="Matryoshka prefix sizes, fractions of LATENTS (comma list)"),
 ):
     """Train dictionaries on data/harvest/<lm>/<data>/train-ctx<ctx>.zarr."""
     params = dict(locals())  # every option, for the worker processes of a distributed run
@@ -100,7 +103,9 @@ def train(
                       wandb=wandb, checkpoint_every_s=checkpoint_every, checkpoint_every_steps=checkpoint_every_steps,
                       progress=progress)
     jobs = build_jobs(variants, store=store, ks=tuple(ks), layers=tuple(layer_list), n_latents=latents or defaults.WIDTH_PER_D_MODEL * store.d_model,
-                      seed=seed, kind=kind, out=lambda group, name: paths.checkpoint(data_dir, lm, data, ctx, group, name))
+                      seed=seed, kind=kind, out=lambda group, name: paths.checkpoint(data_dir, lm, data, ctx, group, name),
+                      init=init, prefixes=tuple(parse_numbers(prefixes, "PREFIXES", float, "0.125,0.25,0.5,1")),
+                      mlp_weights=lambda layer: mlp_weights(lm, data_dir, layer, store.manifest))
     keys = sorted({key for j in jobs for key in j.keys()})  # a CLT reads many
     if world > 1 and not distributed.in_worker():  # everything is checked: now the same command in every process
         if store.n_chunks < world:

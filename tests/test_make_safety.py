@@ -185,16 +185,25 @@ def test_paths_names_every_checkpoint_as_the_registry_does(tmp_path):
         d_model = 8
         manifest = {"lm": "tiny-llama"}
 
+    def tiny_mlp(layer):
+        import torch
+        from pipeline.data.models import MLPWeights
+
+        return MLPWeights(torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16), "silu")
+
     assert set(paths.MODELS) == set(REGISTRY.models())
     for model, spec in REGISTRY.models().items():
         for layers in ([0, 1, 2, 3], [0, 2, 5], [1]):
             kinds = ("transcoder", "sae") if spec.name == "transcoder" else ("transcoder",)
             for kind in kinds:
-                request = TrainRequest(store=Store(), models=(model,), ks=(4, 16), layers=tuple(layers), n_latents=64,
-                                       seed=0, kind=kind, out=lambda group, name: tmp_path / group / name)
-                written = [job.out_dir.relative_to(tmp_path) for job in spec.jobs(request)]
-                named = [Path(g) / n for k in (4, 16) for g, n in paths.checkpoint_names(model, k, layers, kind)]
-                assert sorted(written) == sorted(named), (model, layers, kind)
+                inits = ("random", "rkcnn") if spec.name in ("transcoder", "skip", "matryoshka") else ("random",)
+                for init in inits:
+                    request = TrainRequest(store=Store(), models=(model,), ks=(4, 16), layers=tuple(layers), n_latents=64,
+                                           seed=0, kind=kind, out=lambda group, name: tmp_path / group / name, init=init,
+                                           mlp_weights=tiny_mlp)  # SPD decomposes the MLP weights
+                    written = [job.out_dir.relative_to(tmp_path) for job in spec.jobs(request)]
+                    named = [Path(g) / n for k in (4, 16) for g, n in paths.checkpoint_names(model, k, layers, kind, init)]
+                    assert sorted(written) == sorted(named), (model, layers, kind, init)
 
 
 def test_the_defaults_module_runs_without_the_venv():

@@ -109,6 +109,15 @@ MAKE_VARS: dict[str, tuple[str, str]] = {
     "TEMPERATURE": (_make(TEMPERATURE), "temperature of the seeded sample (greedy is always shown)"),
 }
 
+# ---- more methods (issue 13): decoder initialisation, Matryoshka prefixes ----------------------
+INIT = "random"           # decoder initialisation: random | rkcnn (pipeline/methods/rkcnn.py)
+PREFIXES = "0.125,0.25,0.5,1"  # Matryoshka prefix sizes, fractions of LATENTS
+CHOICES |= {"INIT": ("random", "rkcnn")}
+MAKE_VARS.update({
+    "INIT": (_make(INIT), "decoder initialisation of SAEs/transcoders: random | rkcnn"),
+    "PREFIXES": (_make(PREFIXES), "Matryoshka prefix sizes (MODEL=matryoshka*), fractions of LATENTS"),
+})
+
 # ---- topic experiments (issue 11): `make ablate-topics`, `make steer` ----------------------------
 TOPIC_N = "1,4,16,64"     # top-AUROC units ablated per topic
 TOPICS = ""               # empty = every topic of the corpus

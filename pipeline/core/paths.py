@@ -131,22 +131,37 @@ CLT_DEFAULT_VARIANT = "batchtopk"  # MODEL=clt
 MODELS = (*TRANSCODER_VARIANTS, *(f"skip-{v}" for v in TRANSCODER_VARIANTS),
           "clt", *(f"clt-{v}" for v in TRANSCODER_VARIANTS))
 KINDS = ("transcoder", "sae")
+# issue 13: Matryoshka BatchTopK (per layer and CLT) and SPD
+MODELS += ("matryoshka", "matryoshka-topk", "matryoshka-clt", "spd")
+INITS = ("random", "rkcnn")
 
 
-def checkpoint_names(model: str, k: int, layers: list[int], kind: str = "transcoder") -> list[tuple[str, str]]:
+def init_tag(init: str) -> str:
+    """What INIT adds to per-layer checkpoint names and eval keys ("" for the default)."""
+    if init not in INITS:
+        raise UserError(f"unknown INIT '{init}'; choose one of {', '.join(INITS)}")
+    return "" if init == "random" else f"-{init}"
+
+
+def checkpoint_names(model: str, k: int, layers: list[int], kind: str = "transcoder",
+                     init: str = "random") -> list[tuple[str, str]]:
     """(group, name) of every checkpoint ``nnd train --model MODEL --k K --layers LAYERS`` writes:
     one per layer for (skip) transcoders and SAEs, one over all layers for a CLT."""
     if model not in MODELS:
         raise UserError(f"unknown MODEL '{model}'; choose from {', '.join(MODELS)}")
+    if model == "spd":
+        return [("spd", f"spd-k{k}-L{layer}") for layer in layers]
+    if model == "matryoshka-clt":
+        return [("clt", f"matryoshka-clt-{CLT_DEFAULT_VARIANT}-k{k}-L{layers_label(layers)}")]
     if model == "clt" or model.startswith("clt-"):
         variant = CLT_DEFAULT_VARIANT if model == "clt" else model[len("clt-"):]
         return [("clt", f"clt-{variant}-k{k}-L{layers_label(layers)}")]
-    return [(kind, f"{model}-k{k}-L{layer}") for layer in layers]
+    return [(kind, f"{model}{init_tag(init)}-k{k}-L{layer}") for layer in layers]
 
 
-def method_key(model: str, k: int) -> str:
+def method_key(model: str, k: int, init: str = "random") -> str:
     """The eval folder name of one (MODEL, K) of `make pareto`: <eval dir>/<model>-k<k>/metrics.json."""
-    return f"{model}-k{k}"
+    return f"{model}{init_tag(init)}-k{k}"
 
 
 def neuron_baseline(k: int, layers: list[int]) -> str:
@@ -255,6 +270,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--models", default="topk", help="sweep-vars: MODEL comma list")
     p.add_argument("--ks", default="32", help="sweep-vars: K comma list")
     p.add_argument("--prefix", default="P_", help="sweep-vars: prefix of the Make names printed")
+    p.add_argument("--init", default="random", help="sweep-vars: INIT (decoder initialisation) of the sweep")
     return p.parse_args(argv)
 
 
@@ -272,11 +288,12 @@ def sweep_vars(a: argparse.Namespace, prefix: str) -> dict[str, object]:
     keys, seen, all_done = [], set(), []
     for model in models:
         for k in ks:
-            ckpts = [checkpoint(d, a.lm, a.data, a.ctx, g, n) for g, n in checkpoint_names(model, k, layers, a.group)]
+            init = a.init if model not in ("spd", "matryoshka-clt") and not model.startswith("clt") else "random"
+            ckpts = [checkpoint(d, a.lm, a.data, a.ctx, g, n) for g, n in checkpoint_names(model, k, layers, a.group, init)]
             if tuple(ckpts) in seen:  # clt and clt-batchtopk name one checkpoint
                 continue
             seen.add(tuple(ckpts))
-            key = method_key(model, k)
+            key = method_key(model, k, init)
             keys.append(key)
             done = [c / "done" for c in ckpts]
             all_done += done

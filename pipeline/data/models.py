@@ -349,3 +349,50 @@ def _max_positions(cfg) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+# ----- an MLP's weights, for methods that decompose the weights themselves (SPD) ------------
+
+# Activation functions of gated MLPs, by the ``hidden_act`` of an HF config.
+GATED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    """A gated MLP y = down(act(gate x) * up x), weights as [out, in] fp32 tensors."""
+
+    gate: torch.Tensor  # [d_mlp, d_model]
+    up: torch.Tensor  # [d_mlp, d_model]
+    down: torch.Tensor  # [d_model, d_mlp]
+    act: str  # one of GATED_ACTIVATIONS
+
+
+def mlp_weights(name: str, data_dir: Path, layer: int, store_manifest: dict | None = None) -> MLPWeights:
+    """Layer ``layer``'s gated MLP weights read from the converted safetensors folder of ``name``
+    (no model is built). With ``store_manifest``, the weights must be those the store was
+    harvested from (same SHA-256), and the store's ``mlp_out`` must be the MLP's own output
+    (models with a norm after the MLP, Gemma, store ``mlp_out_raw`` and are refused)."""
+    from safetensors import safe_open
+
+    folder = ensure_model(name, data_dir)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if store_manifest is not None:
+        if store_manifest.get("lm_weights_sha256") not in (None, manifest["weights_sha256"]):
+            raise UserError(f"the store was harvested from other weights than {folder} "
+                            f"({str(store_manifest.get('lm_weights_sha256'))[:12]} vs {manifest['weights_sha256'][:12]})")
+        if "mlp_out_raw" in store_manifest.get("hooks", {}):
+            raise UserError(f"{name} has a norm after its MLP (its store keeps mlp_out_raw); SPD decomposes "
+                            f"MLPs whose output is the block's mlp_out (Llama-style models)")
+    config = json.loads((folder / "config.json").read_text())
+    config = config.get("text_config", config)
+    act = config.get("hidden_act") or config.get("hidden_activation")
+    prefix = f"model.layers.{layer}.mlp."
+    names = {part: f"{prefix}{part}_proj.weight" for part in ("gate", "up", "down")}
+    found: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            found |= {part: f.get_tensor(key).float() for part, key in names.items() if key in f.keys()}
+    if len(found) < 3 or act not in GATED_ACTIVATIONS:
+        raise UserError(f"{name} layer {layer}: no gated MLP ({', '.join(names.values())}, activation "
+                        f"{', '.join(GATED_ACTIVATIONS)}) in {folder}; SPD needs a Llama-style gated MLP")
+    return MLPWeights(found["gate"], found["up"], found["down"], act)

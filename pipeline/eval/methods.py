@@ -113,7 +113,7 @@ def _method(lm, loaded: list[checkpoint.Checkpoint]) -> EvalMethod:
     layers = decomposition.layers
     return EvalMethod(about["name"], about["label"], about["family"], DecompositionSplice(decomposition), layers,
                       k=about["k"], n_latents={l: decomposition.n_latents(l) for l in layers}, params=about["params"],
-                      spec=spec, info={"variant": about["variant"], "kind": about["kind"], "method": spec.name,
+                      spec=spec, weights_per_unit=about.get("weights_per_unit"), info={"variant": about["variant"], "kind": about["kind"], "method": spec.name,
                                        "checkpoints": [str(c.path) for c in loaded],
                                        "train": [c.train_facts for c in loaded],
                                        "train_dead_fraction": _dead_fraction(loaded),

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pipeline.core.errors import UserError
 from pipeline.methods.base import MethodSpec
 from pipeline.methods.clt import CLTSpec
+from pipeline.methods.matryoshka import MatryoshkaCLTSpec, MatryoshkaSpec
 from pipeline.methods.neurons import NeuronsSpec
 from pipeline.methods.skip import SkipTranscoderSpec
+from pipeline.methods.spd import SPDSpec
 from pipeline.methods.transcoder import TranscoderSpec
 
 
@@ -61,3 +63,6 @@ REGISTRY.register(NeuronsSpec())
 REGISTRY.register(TranscoderSpec(), "dictionary")
 REGISTRY.register(SkipTranscoderSpec())
 REGISTRY.register(CLTSpec())
+REGISTRY.register(MatryoshkaSpec())
+REGISTRY.register(MatryoshkaCLTSpec())
+REGISTRY.register(SPDSpec())

@@ -21,6 +21,8 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence, runtime_checkabl
 import torch
 from torch import Tensor, nn
 
+from pipeline.core.errors import UserError
+
 Key = tuple[int, str]  # (layer, hook) of a harvest store array
 
 
@@ -139,6 +141,11 @@ class TrainRequest:
     seed: int
     kind: str  # transcoder | sae
     out: Callable[[str, str], Path]  # (group, name) -> checkpoint folder
+    init: str = "random"  # decoder initialisation (INIT): random | rkcnn
+    prefixes: tuple[float, ...] = ()  # Matryoshka prefix sizes as fractions of n_latents (PREFIXES); () = default
+    # layer -> the MLP's weights (``pipeline.data.models.MLPWeights``), for methods that decompose
+    # the weights themselves (SPD); None where the caller has no model at hand
+    mlp_weights: Callable[[int], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,16 @@ class MethodSpec:
         per = weights_per_unit or 2 * d_model
         total = sum(l0[layer] * per for layer in layers)
         return ParetoAxes(sum(l0.values()) / len(l0), total if mode == "all_layers" else total / len(layers))
+
+
+def one_per_layer(modules: Sequence[nn.Module]) -> dict[int, nn.Module]:
+    """Per-layer checkpoints of one configuration by ``cfg.layer``; two for one layer is an error."""
+    by_layer: dict[int, nn.Module] = {}
+    for m in modules:
+        if m.cfg.layer in by_layer:
+            raise UserError(f"two checkpoints of one configuration for layer {m.cfg.layer}; pass each once")
+        by_layer[m.cfg.layer] = m
+    return by_layer
 
 
 def parameter_count(module: nn.Module) -> int:

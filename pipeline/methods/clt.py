@@ -235,18 +235,22 @@ class CrossLayerTranscoder(SparseCoder):
         xn = [x[layer].float() * self.input_scale[p] for p, layer in enumerate(layers)]
         yn = [y[layer].float() * self.target_scale[q] for q, layer in enumerate(layers)]
         codes = [self.sparsity[p].encode(xn[p], self.W_enc[p], self.b_enc[p]) for p in range(len(layers))]
-        errs = [pred - target for pred, target in zip(self._predict(codes), yn)]
         # per target layer: MSE with massive rows capped, as a transcoder's, so a CLT with
         # zero cross-layer slices has exactly its per-layer transcoders' loss
         caps = [self.massive_norm[q] * self.target_scale[q] if self.cfg.cap_massive_rows else None
                 for q in range(len(layers))]
-        recon = torch.stack([capped_mse(err, target, cap) for err, target, cap in zip(errs, yn, caps)]).sum()
+        recon, errs = self._recon_loss(codes, yn, caps)
         penalty = torch.stack([self.sparsity[p].penalty(c, self.W_dec[p].flatten(1)) for p, c in enumerate(codes)]).sum()
         aux = self._auxk(xn, errs, codes, dead, yn, caps)
         out = StepOutput(recon + penalty + aux, recon, penalty, aux, dict(zip(layers, codes)))
         if with_metrics:
             out.metrics = self._metrics(errs, yn, codes)
         return out
+
+    def _recon_loss(self, codes: list[Codes], yn: list[Tensor], caps: list[Tensor | None]) -> tuple[Tensor, list[Tensor]]:
+        """(reconstruction loss summed over target layers, each target layer's error)."""
+        errs = [pred - target for pred, target in zip(self._predict(codes), yn)]
+        return torch.stack([capped_mse(err, target, cap) for err, target, cap in zip(errs, yn, caps)]).sum(), errs
 
     @torch.no_grad()
     def _metrics(self, errs: list[Tensor], yn: list[Tensor], codes: list[Codes]) -> dict[str, Tensor]:
@@ -324,6 +328,8 @@ class CLTSpec(MethodSpec):
     def jobs(self, request: TrainRequest) -> list[TrainJob]:
         if request.kind != "transcoder":
             raise UserError("MODEL=clt maps each layer's mlp_in to the mlp_out of that and later layers; use KIND=transcoder")
+        if request.init != "random":
+            raise UserError(f"INIT={request.init} is for per-layer SAEs and transcoders; a CLT starts from random rows")
         label = layers_label(request.layers)
         jobs = []
         for variant in dict.fromkeys(self.models[m] for m in request.models):  # clt and clt-batchtopk are one

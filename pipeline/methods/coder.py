@@ -38,6 +38,11 @@ from pipeline.methods.sparsity import SPARSITY, SparsitySettings
 ENCODER_INIT_SCALE = 0.1  # W_enc rows start at norm 0.1 (Conerly et al. 2024 start W_dec there)
 B_DEC_INITS = ("mean", "geometric_median")
 ENCODER_INITS = ("linear", "random")
+DECODER_INITS = ("random", "rkcnn")  # rkcnn: ``pipeline.methods.rkcnn`` (INIT=rkcnn)
+RKCNN_SCORES = ("kurtosis", "variance_ratio")
+# Fields added after checkpoints existed: left out of ``to_dict`` (and so of the staleness
+# hash) while they hold these defaults, so every checkpoint trained before them stays current.
+LATER_FIELDS = {"decoder_init": "random", "rkcnn_fraction": 0.5, "rkcnn_dims": 8, "rkcnn_score": "kurtosis"}
 # Where the linear init helps (same tokens and seeds; SmolLM2, 2304 latents): TopK k=8 layer 0
 # held-out FVU 0.328 -> 0.236 (200k tokens), layer 1 k=32 dead 3.2% -> 0.2% at equal FVU.
 # BatchTopK gained on layer 0 (0.334 -> 0.185) but lost badly on layer 2 (FVU on the
@@ -79,6 +84,12 @@ class CoderConfig:
     # "" picks by variant (``LINEAR_INIT_VARIANTS``).
     encoder_init: str = ""
     settings: SparsitySettings = field(default_factory=SparsitySettings)
+    # "random": unit rows; "rkcnn": a fraction of the decoder rows (and, tied, their encoder
+    # rows) from the best-scoring random subspace probes of the target (``pipeline.methods.rkcnn``).
+    decoder_init: str = "random"
+    rkcnn_fraction: float = 0.5  # of the latents initialised by RkCNN
+    rkcnn_dims: int = 8  # m: activation dimensions per random probe
+    rkcnn_score: str = "kurtosis"  # how a probe's principal direction is scored: kurtosis | variance_ratio
 
     METHOD = ""  # the subclass's discriminator value
 
@@ -94,8 +105,8 @@ class CoderConfig:
         for name in ("d_in", "d_out", "n_latents"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.k < self.n_latents:
-            raise UserError(f"K={self.k} is out of range: it must satisfy 0 < K < LATENTS={self.n_latents}")
+        if not 0 < self.k < self.k_limit:
+            raise UserError(f"K={self.k} is out of range: it must satisfy 0 < K < LATENTS={self.k_limit}")
         if self.b_dec_init not in B_DEC_INITS:
             raise UserError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
         if not self.encoder_init:
@@ -104,13 +115,24 @@ class CoderConfig:
             raise UserError(f"encoder_init must be one of {', '.join(ENCODER_INITS)}, got {self.encoder_init!r}")
         if self.aux_k < 0 or self.aux_coef < 0:
             raise UserError(f"aux_k and aux_coef must be >= 0, got {self.aux_k}, {self.aux_coef}")
+        if self.decoder_init not in DECODER_INITS:
+            raise UserError(f"unknown INIT {self.decoder_init!r}; choose one of {', '.join(DECODER_INITS)}")
+        if not 0 < self.rkcnn_fraction <= 1 or self.rkcnn_dims < 1:  # probes wider than d_out use all of it
+            raise UserError(f"rkcnn_fraction must be in (0, 1] and rkcnn_dims >= 1, got {self.rkcnn_fraction}, {self.rkcnn_dims}")
+        if self.rkcnn_score not in RKCNN_SCORES:
+            raise UserError(f"rkcnn_score must be one of {', '.join(RKCNN_SCORES)}, got {self.rkcnn_score!r}")
+
+    @property
+    def k_limit(self) -> int:
+        """K must be below this (the trained width; a Matryoshka prefix keeps its parent's K)."""
+        return self.n_latents
 
     @property
     def k_aux(self) -> int:
         return self.aux_k or self.d_out // 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
 @torch.no_grad()

@@ -21,11 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.core.errors import UserError
-from pipeline.methods.base import MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, parameter_count
+from pipeline.methods.base import (MethodSpec, StepOutput, TrainJob, TrainRequest, member_seed, one_per_layer,
+                                   parameter_count)
 from pipeline.methods.codes import Codes
 from pipeline.methods.coder import (ENCODER_INIT_SCALE, CoderConfig, SparseCoder, linear_tied_encoder,
                                    robust_scales, unit_rows)
 from pipeline.methods.losses import MASSIVE_FACTOR, auxk_loss, cap_weights, capped_mse, fvu_metrics, geometric_median
+from pipeline.methods.rkcnn import rkcnn_directions
 from pipeline.methods.sparsity import SPARSITY, make_sparsity
 
 KINDS = ("transcoder", "sae")
@@ -49,6 +51,11 @@ class TranscoderConfig(CoderConfig):
     @property
     def name(self) -> str:
         return f"{self.variant}-k{self.k}-L{self.layer}"
+
+
+def init_tag(decoder_init: str) -> str:
+    """What a non-default INIT adds to checkpoint and method names ("" for the default)."""
+    return "" if decoder_init == "random" else f"-{decoder_init}"
 
 
 class Transcoder(SparseCoder):
@@ -98,6 +105,8 @@ class Transcoder(SparseCoder):
             self.b_dec.mul_(robust_scales(self.input_scale, self.target_scale, x, y, self.cfg.d_in, self.cfg.d_out))
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(y.float() * self.target_scale))
+        if self.cfg.decoder_init == "rkcnn":
+            self._init_rkcnn(x, y)
         if self.cfg.kind == "transcoder" and self.cfg.encoder_init == "linear":
             yn = y.float() * self.target_scale
             cap = self.massive_norm * self.target_scale if self.cfg.cap_massive_rows else None
@@ -107,6 +116,23 @@ class Transcoder(SparseCoder):
         calibrate = getattr(self.sparsity, "calibrate", None)
         if calibrate is not None:
             calibrate(torch.addmm(self.b_enc, x.float() * self.input_scale, self.W_enc.T))
+
+    @torch.no_grad()
+    def _init_rkcnn(self, x: Tensor, y: Tensor) -> None:
+        """The first ``rkcnn_fraction`` of the latents: decoder rows from RkCNN probes of the
+        normalised target (``pipeline.methods.rkcnn``), encoder rows tied to them."""
+        c = self.cfg
+        n = max(1, round(c.rkcnn_fraction * c.n_latents))
+        gen = torch.Generator().manual_seed(c.seed + 1)
+        yn = y.float() * self.target_scale
+        self.W_dec[:n] = rkcnn_directions(yn, n, c.rkcnn_dims, c.rkcnn_score, gen).to(self.W_dec.device)
+        if c.kind == "sae":
+            self.W_enc[:n] = self.W_dec[:n] * ENCODER_INIT_SCALE
+        elif c.encoder_init == "random":  # "linear" re-derives every encoder row from W_dec next
+            cap = self.massive_norm * self.target_scale if c.cap_massive_rows else None
+            W, b = linear_tied_encoder(x.float() * self.input_scale, yn, self.W_dec[:n], cap_weights(yn, cap))
+            self.W_enc[:n] = W * ENCODER_INIT_SCALE
+            self.b_enc[:n] = b * ENCODER_INIT_SCALE
 
     # ----- inference ---------------------------------------------------------
     def codes(self, x: Tensor) -> Codes:
@@ -140,9 +166,8 @@ class Transcoder(SparseCoder):
         xn = x.to(torch.float32, copy=True).mul_(self.input_scale)  # never scale the shared batch
         yn = y.to(torch.float32, copy=True).mul_(self.target_scale)
         codes = self.sparsity.encode(xn, self.W_enc, self.b_enc)
-        err = self._predict(xn, codes) - yn
         cap = self.massive_norm * self.target_scale if self.cfg.cap_massive_rows else None
-        recon = capped_mse(err, yn, cap)
+        recon, err, prefix_metrics = self._recon_loss(xn, yn, codes, cap)
         penalty = self.sparsity.penalty(codes, self.W_dec)
         aux = torch.zeros((), device=x.device)
         if self.sparsity.uses_auxk and dead is not None and self.training:
@@ -153,8 +178,14 @@ class Transcoder(SparseCoder):
         if with_metrics:
             with torch.no_grad():
                 out.metrics = {"l0": codes.l0(), **fvu_metrics(err, yn, self.massive_norm * self.target_scale),
-                               "mse": err.pow(2).sum(-1).mean() / self.target_scale**2}  # model units
+                               "mse": err.pow(2).sum(-1).mean() / self.target_scale**2,  # model units
+                               **prefix_metrics}
         return out
+
+    def _recon_loss(self, xn: Tensor, yn: Tensor, codes: Codes, cap: Tensor | None) -> tuple[Tensor, Tensor, dict]:
+        """(reconstruction loss, the whole dictionary's error, extra metrics) of one batch."""
+        err = self._predict(xn, codes) - yn
+        return capped_mse(err, yn, cap), err, {}
 
     def _aux_weight(self, yn: Tensor, cap: Tensor | None) -> Tensor | None:
         w = cap_weights(yn, cap) if self.cfg.aux_capped else None
@@ -236,29 +267,29 @@ class TranscoderSpec(MethodSpec):
                     cfg = self.config_class(variant=self.models[model], k=k, d_in=d, d_out=d,
                                             n_latents=request.n_latents, kind=request.kind, layer=layer,
                                             input_hook=input_hook, target_hook=target_hook,
-                                            seed=member_seed(request.seed, model, k, layer))
+                                            seed=member_seed(request.seed, model, k, layer),
+                                            decoder_init=request.init, **self.extra_fields(request))
                     jobs.append(TrainJob(self.module_class(cfg), (layer, input_hook), (layer, target_hook),
-                                         request.out(request.kind, f"{model}-k{k}-L{layer}"),
+                                         request.out(request.kind, f"{model}{init_tag(request.init)}-k{k}-L{layer}"),
                                          metadata={"lm": request.store.manifest["lm"]}))
         return jobs
 
+    def extra_fields(self, request: TrainRequest) -> dict:
+        """Config fields a subclass takes from the request (Matryoshka: its prefixes)."""
+        return {}
+
     def group_key(self, module: nn.Module) -> tuple:
         c = module.cfg
-        return (c.kind, c.variant, c.k, c.n_latents)
+        return (c.kind, c.variant, c.k, c.n_latents, c.decoder_init)
 
     def combine(self, modules: Sequence[nn.Module]) -> LayerwiseDecomposition:
-        by_layer: dict[int, Transcoder] = {}
-        for m in modules:
-            if m.cfg.layer in by_layer:
-                raise UserError(f"two checkpoints of one configuration for layer {m.cfg.layer}; pass each once")
-            by_layer[m.cfg.layer] = m
-        return LayerwiseDecomposition(by_layer)
+        return LayerwiseDecomposition(one_per_layer(modules))
 
     def describe(self, decomposition, modules) -> dict:
         from pipeline.core.layers import layers_label
 
         c = modules[0].cfg
-        model = self.model_name(c.variant)
+        model = self.model_name(c.variant) + init_tag(c.decoder_init)
         return {"name": f"{c.kind}-{model}-k{c.k}-n{c.n_latents}-L{layers_label(decomposition.layers)}",
                 "label": f"{c.kind} {model}", "family": c.kind, "variant": c.variant, "kind": c.kind, "k": c.k,
                 "params": sum(parameter_count(m) for m in modules)}

@@ -84,6 +84,9 @@ def train_jobs(jobs: list[TrainJob], make_loader: Callable[[], ActivationLoader]
 
     Each checkpoint being trained is locked: a second train of the same checkpoint
     is refused, naming the process (pid, host) that holds it."""
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):  # fit keys optimisers and histories by name
+        raise ValueError(f"jobs of one training run need distinct names, got {sorted(n for n in set(names) if names.count(n) > 1)}")
     content_hash = make_loader().store.content_hash
     todo = [j for j in jobs if not is_current(j, cfg, content_hash)]
     if not todo:
