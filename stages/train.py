@@ -50,6 +50,7 @@ def train(
     checkpoint_every_steps: int = typer.Option(0, help="also save every this many steps (0: off)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     device: str = typer.Option("cpu", help="cpu or cuda (pinned-memory, non-blocking batches)"),
+    snapshot_tokens: int = typer.Option(0, help="save weight snapshots every this many tokens for `nnd emergence` (0: off)"),
 ):
     """Train dictionaries on data/harvest/<lm>/<data>/train-ctx<ctx>.zarr."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
@@ -73,7 +74,7 @@ def train(
         raise UserError(f"TOKENS={tokens} exceeds the {store.n_rows} rows of {location}; harvest more or lower TOKENS")
     cfg = TrainConfig(tokens=int(rows * epochs), batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed,
                       wandb=wandb, checkpoint_every_s=checkpoint_every, checkpoint_every_steps=checkpoint_every_steps,
-                      progress=progress)
+                      progress=progress, snapshot_tokens=snapshot_tokens)
     jobs = build_jobs(variants, store=store, ks=tuple(ks), layers=tuple(layer_list), n_latents=latents or defaults.WIDTH_PER_D_MODEL * store.d_model,
                       seed=seed, kind=kind, out=lambda group, name: paths.checkpoint(data_dir, lm, data, ctx, group, name))
     keys = sorted({key for j in jobs for key in j.keys()})  # a CLT reads many
