@@ -195,3 +195,30 @@ def test_kmeans_recovers_separated_clusters():
     for part in labels.split(40):
         assert len(part.unique()) == 1
     assert len(labels.unique()) == 3
+
+
+def test_training_snapshots_change_nothing_and_feed_the_emergence_trajectory(tmp_path, one_thread):
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from pipeline import checkpoint
+    from pipeline.analysis.emergence import trajectory
+    from pipeline.train.jobs import train_jobs
+    from pipeline.train.snapshots import list_snapshots
+    from test_train import SMALL, loader_factory, members_for, toy_data_dir
+
+    data_dir = toy_data_dir(tmp_path)
+    with_snaps = members_for([4], tmp_path / "snap")
+    train_jobs(with_snaps, loader_factory(data_dir), replace(SMALL, snapshot_tokens=256 * 10))
+    plain = members_for([4], tmp_path / "plain")
+    train_jobs(plain, loader_factory(data_dir), SMALL)
+    a, b = (load_file(j[0].out_dir / "weights.safetensors") for j in (with_snaps, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # snapshots leave the run and its result alone
+    snaps = list_snapshots(with_snaps[0].out_dir)
+    assert [t for t, _ in snaps] == [2560, 5120, 7680]  # every 10 of 40 steps; the checkpoint is the last state
+    rows = trajectory(checkpoint.load(with_snaps[0].out_dir), 0, 0.5, 16, progress=False)
+    assert [r["tokens"] for r in rows] == [5120, 7680, 10240]
+    for r in rows:
+        assert r["matched"] + r["born"] == r["alive_after"] and r["matched"] + r["died"] == r["alive_before"]
+    assert rows[-1]["matched"] > 0

@@ -41,8 +41,8 @@ def write_autointerp(results: dict[str, dict], out_dir: Path) -> list[Path]:
              "explanations.", "",
              "| method | judge | latents | detection AUROC | detection bal. acc. | fuzzing AUROC | fuzzing bal. acc. | "
              "intruder acc. (chance) | shuffled: det. AUROC | tokens: det. AUROC | tokens shuffled: det. AUROC | "
-             "judge tells true from shuffled? |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens: intruder acc. | judge tells true from shuffled? |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         s = {k: v["summary"] for k, v in r["sets"].items()}
         m = s["method"]
@@ -53,7 +53,7 @@ def write_autointerp(results: dict[str, dict], out_dir: Path) -> list[Path]:
                      f"({r['chance_intruder']:.2f}) | {_ms(s['method-shuffled']['detection_auroc'])} | "
                      f"{_ms(s.get('tokens', {}).get('detection_auroc'))} | "
                      f"{_ms(s.get('tokens-shuffled', {}).get('detection_auroc'))} | "
-                     f"{'yes' if meaningful else 'no'} |")
+                     f"{_ms(s.get('tokens', {}).get('intruder_accuracy'))} | {'yes' if meaningful else 'no'} |")
     lines += ["", "## Verdicts", ""] + [f"- **{n}**: {r['verdict']['statement']}" for n, r in results.items()]
     lines += ["", "## Explanations (first 10 per method)", ""]
     for name, r in results.items():
