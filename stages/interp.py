@@ -132,6 +132,7 @@ def faithfulness(
     rows: int = typer.Option(defaults.JACOBIAN_ROWS, help="store rows (tokens) at which the Jacobians are compared"),
     probes: int = typer.Option(defaults.JACOBIAN_PROBES, help="random output directions (0 = exact full Jacobians)"),
     effects: int = typer.Option(defaults.EFFECT_DRAWS, help="latent ablations compared with direction removals"),
+    neurons: bool = typer.Option(True, help="also the neuron baseline (the MLP keeping its top-k hidden units) at the method's k"),
     seed: int = typer.Option(defaults.SEED, help="seed of the probes and draws"),
     eval_tokens: int = typer.Option(defaults.EVAL_TOKENS, help="held-out tokens the feature effects are drawn from"),
     data_dir: Path = typer.Option(Path(defaults.DATA_DIR), help="root of all stage outputs"),
@@ -147,15 +148,19 @@ def faithfulness(
         raise UserError(f"rows={rows} must be >= 1, probes={probes} and effects={effects} >= 0")
     s = Setup(ckpt, data_dir, eval_tokens)
     ref = reference(s.lm, s.cfg, progress)
-    params = {"rows": rows, "probes": probes, "effects": effects, "seed": seed, "eval_tokens": eval_tokens}
+    params = {"rows": rows, "probes": probes, "effects": effects, "seed": seed, "eval_tokens": eval_tokens,
+              "neurons": neurons}
     for _, method in s.methods:
         d = method.splice.decomposition
         if d.input_hook != "mlp_in":
             raise UserError(f"{method.name} reads {d.input_hook}, not the MLP input: faithfulness compares "
                             f"transcoders and CLTs with the MLP they replace")
         result, hit = cached(s.root / "faithfulness" / method.name / "result.json", s.identity(method), params,
-                             lambda: fa.run(s.lm, d, s.store, ref.tokens, rows, probes, effects, seed, progress))
-        per_layer = ", ".join(f"L{l} {v['jacobian_cosine']['mean']:.3f}" for l, v in result["layers"].items())
+                             lambda: fa.run(s.lm, d, s.store, ref.tokens, rows, probes, effects, seed, progress,
+                                            neuron_k=method.k if neurons else None))
+        per_layer = ", ".join(f"L{l} {v['jacobian_cosine']['mean']:.3f}" + (
+            f" (neurons k={method.k}: {v['neurons_jacobian_cosine']['mean']:.3f})" if "neurons_jacobian_cosine" in v else "")
+            for l, v in result["layers"].items())
         e = result["feature_effects"]
         print(f"faithfulness: {method.name}: {'cached' if hit else 'done'}; Jacobian cosine {per_layer}; "
               f"top-increase agreement {e['top_increase_agreement']} over {e['draws']} draws")

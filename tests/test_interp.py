@@ -152,6 +152,14 @@ def test_jacobian_cosine_of_another_layers_mlp_is_below_one(lm):
     assert jacobian_layer(lm, Wrong(lm, 1), 1, {1: x}, 0, seed=0)["mean"] < 0.9
 
 
+def test_the_neuron_baseline_keeping_every_unit_has_the_mlps_jacobian(lm):
+    from pipeline.analysis.faithfulness import neuron_jacobian_layer
+
+    x = torch.randn(24, lm.d_model)
+    assert neuron_jacobian_layer(lm, 2, lm.d_mlp, x, 0, seed=0)["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert neuron_jacobian_layer(lm, 2, 2, x, 0, seed=0)["mean"] < 0.95
+
+
 # ----- the tail -----------------------------------------------------------------------------------
 
 def test_the_tail_split_sums_to_the_total_fvu():

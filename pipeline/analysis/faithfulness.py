@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.core.progress import progress_bar
+from pipeline.eval.baselines import down_projection
 from pipeline.eval.splice import EditedSplice, final_hidden, logits, put_rows, rows_of, splice_hook_name
 from pipeline.methods.base import Decomposition
 
@@ -73,13 +74,40 @@ def replacement_fn(decomposition: Decomposition, layer: int, inputs: dict[int, T
 def jacobian_layer(lm, decomposition: Decomposition, layer: int, inputs: dict[int, Tensor], probes: int,
                    seed: int, chunk: int = 256) -> dict:
     """Mean (and s.e.) Jacobian cosine of one layer over the rows of ``inputs`` (every source's mlp_in rows)."""
+    return _mean_cosine(lm, layer, inputs, lambda part: replacement_fn(decomposition, layer, part), probes, seed, chunk)
+
+
+def neuron_replacement(lm, layer: int, k: int):
+    """The neuron baseline as a differentiable function: the real MLP keeping its k hidden units of largest
+    |activation| per row (as ``eval.baselines.NeuronSplice``), through a pre-hook on its output projection."""
+    down, mlp = down_projection(lm, layer), lm.mlp_module(layer)
+
+    def keep(module, inputs):
+        h = inputs[0]
+        index = h.abs().topk(k, dim=-1).indices
+        return (torch.zeros_like(h).scatter(-1, index, h.gather(-1, index)),)
+
+    def f(x: Tensor) -> Tensor:
+        handle = down.register_forward_pre_hook(keep)
+        try:
+            return mlp(x)
+        finally:
+            handle.remove()
+
+    return f
+
+
+def neuron_jacobian_layer(lm, layer: int, k: int, x: Tensor, probes: int, seed: int, chunk: int = 256) -> dict:
+    return _mean_cosine(lm, layer, {layer: x}, lambda part: neuron_replacement(lm, layer, k), probes, seed, chunk)
+
+
+def _mean_cosine(lm, layer: int, inputs: dict[int, Tensor], make_fn, probes: int, seed: int, chunk: int) -> dict:
     mlp = lm.mlp_module(layer)
     cos = []
     n = inputs[layer].shape[0]
     for lo in range(0, n, chunk):
         part = {i: v[lo:lo + chunk] for i, v in inputs.items()}
-        cos.append(jacobian_cosine(replacement_fn(decomposition, layer, part), mlp, part[layer], lm.d_model, probes,
-                                   seed + lo).detach())
+        cos.append(jacobian_cosine(make_fn(part), mlp, part[layer], lm.d_model, probes, seed + lo).detach())
     c = torch.cat(cos).double()
     return {"mean": float(c.mean()), "se": float(c.std() / math.sqrt(len(c))) if len(c) > 1 else math.nan,
             "tokens": int(len(c)), "mode": "exact (all output directions)" if probes == 0 else
@@ -180,19 +208,23 @@ def _logprobs(lm, seq: Tensor, hooks: list, row: int) -> Tensor:
 
 
 def run(lm, decomposition: Decomposition, store, eval_tokens: Tensor, rows: int, probes: int, effects: int,
-        seed: int = 0, progress: bool = True) -> dict:
-    """Per layer: Jacobian cosine at ``rows`` store rows (the last ones), and the feature-effect agreement."""
+        seed: int = 0, progress: bool = True, neuron_k: int | None = None) -> dict:
+    """Per layer: Jacobian cosine at ``rows`` store rows (the last ones) of the replacement, and of the neuron
+    baseline at ``neuron_k`` hidden units when given; then the feature-effect agreement."""
     sources = sorted({i for j in decomposition.layers for i in decomposition.sources(j)})
     start = max(0, store.n_rows - rows)
     chunk0 = start // store.chunk_rows
     inputs = {}
-    for i in sources:
+    for i in sorted(set(sources) | set(decomposition.layers)):
         x = np.concatenate([store.read_chunk(i, "mlp_in", c) for c in range(chunk0, store.n_chunks)])
         inputs[i] = torch.from_numpy(np.ascontiguousarray(x[start - chunk0 * store.chunk_rows:][:rows])).float()
     out = {"layers": {}}
     bar = progress_bar(len(decomposition.layers), progress, desc="jacobian", unit="layer")
     for j in decomposition.layers:
         out["layers"][str(j)] = {"jacobian_cosine": jacobian_layer(lm, decomposition, j, inputs, probes, seed)}
+        if neuron_k:
+            out["layers"][str(j)]["neurons_jacobian_cosine"] = neuron_jacobian_layer(lm, j, neuron_k, inputs[j],
+                                                                                     probes, seed)
         bar.update(1)
     bar.close()
     out["feature_effects"] = effect_agreement(lm, decomposition, eval_tokens, effects, seed, progress)

@@ -91,11 +91,12 @@ def write_faithfulness(results: dict[str, dict], out_dir: Path) -> list[Path]:
     lines = ["# Faithfulness", "", "Jacobian cosine of the replacement vs the true MLP at real inputs (per token, "
              "averaged; mode in the table), and how often the top next-token log-prob increase agrees between "
              "ablating a latent and removing its decoder direction from the true MLP output.", "",
-             "| method | layer | Jacobian cosine | tokens | mode |", "|---|---|---|---|---|"]
+             "| method | layer | Jacobian cosine | neuron baseline (same k) | tokens | mode |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         for layer, v in r["layers"].items():
             j = v["jacobian_cosine"]
-            lines.append(f"| {name} | {layer} | {_ms(j)} | {j['tokens']} | {j['mode']} |")
+            lines.append(f"| {name} | {layer} | {_ms(j)} | {_ms(v.get('neurons_jacobian_cosine'))} | {j['tokens']} | "
+                         f"{j['mode']} |")
     lines += ["", "| method | draws | top-increase agreement | mean corr. of log-prob changes |", "|---|---|---|---|"]
     for name, r in results.items():
         e = r["feature_effects"]
