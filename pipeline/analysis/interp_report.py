@@ -187,7 +187,7 @@ def write_emergence(name: str, result: dict, coords: np.ndarray, frequency: np.n
     ax.plot(t, [r["alive_after"] for r in rows], ls=":", label="alive")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("latents")
-    ax.set_title(f"{name}: decoder directions matched at cosine ≥ {result['threshold']}")
+    ax.set_title(f"{name}\nalive latents matched across snapshots at cosine ≥ {result['threshold']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths = save_figure(fig, out_dir, "emergence")
@@ -198,7 +198,7 @@ def write_emergence(name: str, result: dict, coords: np.ndarray, frequency: np.n
     for c in np.unique(labels):
         centre = coords[labels == c].mean(0)
         ax.annotate(str(c), centre, fontsize=8, weight="bold")
-    ax.set_title(f"{name}: decoder directions ({result['projection']}), k-means cluster ids")
+    ax.set_title(f"{name}\ndecoder directions, {result['projection'].split(' (')[0]}; numbers: k-means clusters", fontsize=9)
     fig.tight_layout()
     paths += save_figure(fig, out_dir, "decoder_map")
     lines = [f"# Emergence: {name}", "", f"Matching: {result['matching']}", "",
