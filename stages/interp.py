@@ -116,7 +116,7 @@ def autointerp(
         result, hit = cached(s.root / "autointerp" / method.name / "result.json",
                              {**s.identity(method), "features": meta["identity_hash"]}, params,
                              lambda: ai.run(the_judge, s.lm.tokenizer, method.splice.decomposition, s.store, tensors,
-                                            meta, cfg, progress))
+                                            meta, cfg, progress), force)
         summary = result["sets"]["method"]["summary"]
         print(f"autointerp: {method.name}: {'cached' if hit else 'done'}; detection AUROC "
               f"{summary['detection_auroc']['mean']:.3f}, fuzzing AUROC {summary['fuzzing_auroc']['mean']:.3f}, "
@@ -157,7 +157,7 @@ def faithfulness(
                             f"transcoders and CLTs with the MLP they replace")
         result, hit = cached(s.root / "faithfulness" / method.name / "result.json", s.identity(method), params,
                              lambda: fa.run(s.lm, d, s.store, ref.tokens, rows, probes, effects, seed, progress,
-                                            neuron_k=method.k if neurons else None))
+                                            neuron_k=method.k if neurons else None), force)
         per_layer = ", ".join(f"L{l} {v['jacobian_cosine']['mean']:.3f}" + (
             f" (neurons k={method.k}: {v['neurons_jacobian_cosine']['mean']:.3f})" if "neurons_jacobian_cosine" in v else "")
             for l, v in result["layers"].items())

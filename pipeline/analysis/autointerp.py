@@ -299,21 +299,35 @@ def score_of(pos: np.ndarray, neg: np.ndarray) -> Score:
     return Score(value, float(0.5 * ((pos > 0).mean() + (neg <= 0).mean())))
 
 
-def yes_no(judge: Judge, prompts: list[Messages]) -> np.ndarray:
-    lp = judge.answer_logprobs(prompts, YES_NO)
+def answers(judge: Judge, prompts: list[Messages], options: Sequence[str], desc: str, progress: bool,
+            chunk: int = 64) -> torch.Tensor:
+    """``judge.answer_logprobs`` in chunks, with a progress bar."""
+    bar = progress_bar(len(prompts), progress, desc=desc, unit="prompt")
+    out = []
+    for lo in range(0, len(prompts), chunk):
+        out.append(judge.answer_logprobs(prompts[lo:lo + chunk], options))
+        bar.update(len(out[-1]))
+    bar.close()
+    return torch.cat(out) if out else torch.zeros(0, len(options))
+
+
+def yes_no(judge: Judge, prompts: list[Messages], desc: str = "judge", progress: bool = False) -> np.ndarray:
+    lp = answers(judge, prompts, YES_NO, desc, progress)
     return (lp[:, 0] - lp[:, 1]).numpy()
 
 
-def detection(judge: Judge, tokenizer, latents: Sequence[Latent], explanations: Sequence[str]) -> list[Score]:
+def detection(judge: Judge, tokenizer, latents: Sequence[Latent], explanations: Sequence[str],
+              progress: bool = False) -> list[Score]:
     prompts, sizes = [], []
     for latent, e in zip(latents, explanations):
         for c in latent.pos + latent.neg:
             prompts.append(_turns(DETECT_SHOTS, DETECT_Q.format(text=render(tokenizer, c), explanation=e)))
         sizes.append((len(latent.pos), len(latent.neg)))
-    return _split_scores(yes_no(judge, prompts), sizes)
+    return _split_scores(yes_no(judge, prompts, "detection", progress), sizes)
 
 
-def fuzzing(judge: Judge, tokenizer, latents: Sequence[Latent], explanations: Sequence[str], seed: int) -> list[Score]:
+def fuzzing(judge: Judge, tokenizer, latents: Sequence[Latent], explanations: Sequence[str], seed: int,
+            progress: bool = False) -> list[Score]:
     """Firing tokens marked (positives) vs as many silent tokens of the same contexts marked (negatives)."""
     rng = random.Random(seed + 3)
     prompts, sizes = [], []
@@ -330,7 +344,7 @@ def fuzzing(judge: Judge, tokenizer, latents: Sequence[Latent], explanations: Se
                                                           explanation=e)))
         prompts += right + wrong
         sizes.append((len(right), len(wrong)))
-    return _split_scores(yes_no(judge, prompts), sizes)
+    return _split_scores(yes_no(judge, prompts, "fuzzing", progress), sizes)
 
 
 def _split_scores(scores: np.ndarray, sizes: list[tuple[int, int]]) -> list[Score]:
@@ -342,7 +356,8 @@ def _split_scores(scores: np.ndarray, sizes: list[tuple[int, int]]) -> list[Scor
     return out
 
 
-def intruder(judge: Judge, tokenizer, latents: Sequence[Latent], k: int, trials: int, seed: int) -> list[float]:
+def intruder(judge: Judge, tokenizer, latents: Sequence[Latent], k: int, trials: int, seed: int,
+             progress: bool = False) -> list[float]:
     """Per latent: the fraction of trials whose most likely answer is the intruder's number."""
     rng = random.Random(seed + 4)
     prompts, truth, owner = [], [], []
@@ -361,7 +376,7 @@ def intruder(judge: Judge, tokenizer, latents: Sequence[Latent], k: int, trials:
     hits = np.zeros(len(latents))
     tried = np.zeros(len(latents))
     if prompts:
-        guess = judge.answer_logprobs(prompts, [str(i + 1) for i in range(k + 1)]).argmax(-1).numpy()
+        guess = answers(judge, prompts, [str(i + 1) for i in range(k + 1)], "intruder", progress).argmax(-1).numpy()
         for g, t, n in zip(guess, truth, owner):
             hits[n] += g == t
             tried[n] += 1
@@ -417,10 +432,10 @@ def derangement(n: int, seed: int) -> list[int]:
 
 
 def score_set(name: str, judge: Judge, tokenizer, latents: Sequence[Latent], explanations: Sequence[str],
-              cfg: AutointerpConfig, with_intruder: bool) -> SetResult:
-    det = detection(judge, tokenizer, latents, explanations)
-    fuzz = fuzzing(judge, tokenizer, latents, explanations, cfg.seed)
-    intr = intruder(judge, tokenizer, latents, cfg.intruder_k, cfg.intruder_trials, cfg.seed) \
+              cfg: AutointerpConfig, with_intruder: bool, progress: bool = False) -> SetResult:
+    det = detection(judge, tokenizer, latents, explanations, progress)
+    fuzz = fuzzing(judge, tokenizer, latents, explanations, cfg.seed, progress)
+    intr = intruder(judge, tokenizer, latents, cfg.intruder_k, cfg.intruder_trials, cfg.seed, progress) \
         if with_intruder and cfg.intruder_trials else []
     return SetResult(name, [l.name for l in latents], list(explanations), det, fuzz, intr)
 
@@ -428,13 +443,10 @@ def score_set(name: str, judge: Judge, tokenizer, latents: Sequence[Latent], exp
 def score_with_controls(prefix: str, judge: Judge, tokenizer, latents: Sequence[Latent], explanations: Sequence[str],
                         cfg: AutointerpConfig, progress: bool) -> list[SetResult]:
     """The set with its explanations, and with them shuffled among its latents (control a)."""
-    bar = progress_bar(2, progress, desc=f"score {prefix}", unit="set")
-    true = score_set(prefix, judge, tokenizer, latents, explanations, cfg, True)
-    bar.update(1)
+    true = score_set(prefix, judge, tokenizer, latents, explanations, cfg, True, progress)
     order = derangement(len(latents), cfg.seed + 5)
-    shuffled = score_set(f"{prefix}-shuffled", judge, tokenizer, latents, [explanations[o] for o in order], cfg, False)
-    bar.update(1)
-    bar.close()
+    shuffled = score_set(f"{prefix}-shuffled", judge, tokenizer, latents, [explanations[o] for o in order], cfg,
+                         False, progress)
     return [true, shuffled]
 
 
