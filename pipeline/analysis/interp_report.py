@@ -185,8 +185,9 @@ def write_emergence(name: str, result: dict, coords: np.ndarray, frequency: np.n
     ax.plot(t, [r["born"] for r in rows], marker="^", label="born")
     ax.plot(t, [r["died"] for r in rows], marker="v", label="died")
     ax.plot(t, [r["alive_after"] for r in rows], ls=":", label="alive")
+    ax.set_yscale("symlog", linthresh=10)  # thousands kept, a handful born or dying
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("latents")
+    ax.set_ylabel("latents (symlog)")
     ax.set_title(f"{name}\nalive latents matched across snapshots at cosine ≥ {result['threshold']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
