@@ -88,6 +88,9 @@ override V.PATH    += MASTER_ADDR
 # more methods (issue 13): decoder initialisation, Matryoshka prefix sizes
 override V.WORD    += INIT
 override V.FLOATS  += PREFIXES
+# interpretability scores and diagnostics (issue 12)
+override V.INT     += INTERP_LATENTS TOKEN_LATENTS PROBES SNAPSHOT_TOKENS
+override V.WORD    += JUDGE
 override USER_VARIABLES := $(foreach c,$(CLASSES),$(V.$(c)))
 # PROMPT is free text: it has no class and is never expanded. Make would expand (and run any
 # $(shell ...) in) a command-line variable to put it in a recipe's environment, so it is not
@@ -204,6 +207,7 @@ TRAIN_OPTS = --layers $(LAYERS) --tokens $(TOKENS) --epochs $(EPOCHS) --latents 
   --device $(DEVICE) --nproc $(NPROC) --nnodes $(NNODES) --node-rank $(NODE_RANK) --master-addr $(MASTER_ADDR) \
   --master-port $(MASTER_PORT) --spread $(SPREAD) \
   --init $(INIT) --prefixes $(PREFIXES)
+TRAIN_OPTS += $(if $(filter-out 0,$(SNAPSHOT_TOKENS)),--snapshot-tokens $(SNAPSHOT_TOKENS))
 S_DONE_FILES := $(call list,$(S_ALL_DONE))
 
 train: $(S_DONE_FILES) ## train dictionaries: MODEL K KIND LAYERS LATENTS TOKENS EPOCHS BATCH_SIZE LR SEED WANDB DEVICE NPROC NNODES NODE_RANK MASTER_ADDR SPREAD
@@ -321,6 +325,29 @@ browser: ## headless Chromium for the browser tests (apt-get install chromium wh
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
 	      || echo "warning: apt-get could not install chromium; the browser tests will be skipped" >&2; \
 	  else echo "warning: chromium is missing and installing it needs root; the browser tests will be skipped" >&2; fi; }
+
+# ---- interpretability scores and diagnostics (issue 12) -------------------------------------
+# Each stage caches its result per method (pipeline.core.paths.interp_dir) and reuses it while the
+# checkpoint, store and settings are the same; the tables and figures go to <eval dir>/report/interp/.
+.PHONY: autointerp faithfulness tail emergence
+INTERP_OPTS = --data-dir $(DATA_DIR) --eval-tokens $(EVAL_TOKENS) --seed $(SEED)
+
+autointerp: | $(INSTALLED) ## explain + score latents (detection, fuzzing, intruder) with controls: CKPT JUDGE INTERP_LATENTS TOKEN_LATENTS
+	$(need_ckpt)
+	$(NND) autointerp $(foreach c,$(CKPT),--ckpt '$(c)') --judge $(JUDGE) --latents $(INTERP_LATENTS) \
+	  --token-latents $(TOKEN_LATENTS) --rows $(FEATURE_TOKENS) $(INTERP_OPTS)
+
+faithfulness: | $(INSTALLED) ## Jacobian cosine vs the true MLP per layer, feature-effect agreement: CKPT PROBES
+	$(need_ckpt)
+	$(NND) faithfulness $(foreach c,$(CKPT),--ckpt '$(c)') --probes $(PROBES) $(INTERP_OPTS)
+
+tail: | $(INSTALLED) ## massive rows (tokens, positions, dims), FVU/ΔCE split massive vs ordinary, error by norm: CKPT EVAL_TOKENS
+	$(need_ckpt)
+	$(NND) tail $(foreach c,$(CKPT),--ckpt '$(c)') --data-dir $(DATA_DIR) --eval-tokens $(EVAL_TOKENS)
+
+emergence: | $(INSTALLED) ## matched/born/died latents over training snapshots, decoder map + clusters: CKPT (trained with SNAPSHOT_TOKENS)
+	$(need_ckpt)
+	$(NND) emergence --ckpt '$(CKPT)' --rows $(FEATURE_TOKENS) $(INTERP_OPTS)
 
 # ---- demo: the same chain at a small budget -------------------------------------------
 demo: $(INSTALLED) ## fresh clone -> Pareto plot and table in minutes: pareto at DEMO_* budgets

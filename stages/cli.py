@@ -31,6 +31,14 @@ app.command()(features_stage.dashboard)
 app.command()(features_stage.intervene)
 # more methods (issue 13): Matryoshka prefixes as narrower dictionaries
 app.command()(prefix_stage.prefix)
+# ---- interpretability scores and diagnostics (issue 12) ----
+from stages import interp  # noqa: E402
+
+app.command()(interp.autointerp)
+app.command()(interp.faithfulness)
+app.command()(interp.tail)
+app.command()(interp.emergence)
+app.command(name="judge-server")(interp.judge_server)
 
 if __name__ == "__main__":
     app()

@@ -69,6 +69,7 @@ def train(
     data_streams: int = typer.Option(0, help="one process reading the batches of an N-process DDP run (0: off)"),
     init: str = typer.Option(defaults.INIT, help="decoder initialisation: random | rkcnn (SAEs and transcoders)"),
     prefixes: str = typer.Option(defaults.PREFIXES, help="Matryoshka prefix sizes, fractions of LATENTS (comma list)"),
+    snapshot_tokens: int = typer.Option(0, help="save weight snapshots every this many tokens for `nnd emergence` (0: off)"),
 ):
     """Train dictionaries on data/harvest/<lm>/<data>/train-ctx<ctx>.zarr."""
     params = dict(locals())  # every option, for the worker processes of a distributed run
@@ -101,7 +102,7 @@ def train(
         raise UserError(f"TOKENS={tokens} exceeds the {store.n_rows} rows of {location}; harvest more or lower TOKENS")
     cfg = TrainConfig(tokens=int(rows * epochs), batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed,
                       wandb=wandb, checkpoint_every_s=checkpoint_every, checkpoint_every_steps=checkpoint_every_steps,
-                      progress=progress)
+                      progress=progress, snapshot_tokens=snapshot_tokens)
     jobs = build_jobs(variants, store=store, ks=tuple(ks), layers=tuple(layer_list), n_latents=latents or defaults.WIDTH_PER_D_MODEL * store.d_model,
                       seed=seed, kind=kind, out=lambda group, name: paths.checkpoint(data_dir, lm, data, ctx, group, name),
                       init=init, prefixes=tuple(parse_numbers(prefixes, "PREFIXES", float, "0.125,0.25,0.5,1")),

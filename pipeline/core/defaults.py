@@ -140,6 +140,25 @@ MAKE_VARS.update({
     "CONCEPT": (_make(CONCEPT), "steer: concept score whose first α is reported"),
 })
 
+# ---- interpretability scores and diagnostics (issue 12) -----------------------------------------
+JUDGE = "local"                 # explainer/judge: local (the bundled chat model, offline) | openai (NND_JUDGE_* env)
+AUTOINTERP_LATENTS = 40         # latents explained and scored per checkpoint
+AUTOINTERP_TOKEN_LATENTS = 16   # token-identity control latents
+JACOBIAN_ROWS = 1024            # tokens at which replacement and MLP Jacobians are compared
+JACOBIAN_PROBES = 32            # random output directions (0 = exact, d_model backward passes)
+EFFECT_DRAWS = 24               # latent ablations compared with decoder-direction removals
+MATCH_COSINE = 0.7              # decoder directions of two snapshots match at this cosine
+CLUSTERS = 12                   # k-means clusters of the final decoder directions
+SNAPSHOT_TOKENS = 0             # `make train`: weight snapshots every this many tokens (0: none)
+CHOICES |= {"JUDGE": ("local", "openai")}
+MAKE_VARS.update({
+    "JUDGE": (JUDGE, "autointerp explainer/judge: local (offline) | openai (NND_JUDGE_BASE_URL, _MODEL, _API_KEY)"),
+    "INTERP_LATENTS": (_make(AUTOINTERP_LATENTS), "autointerp: latents explained and scored per checkpoint"),
+    "TOKEN_LATENTS": (_make(AUTOINTERP_TOKEN_LATENTS), "autointerp: token-identity control latents (0: none)"),
+    "PROBES": (_make(JACOBIAN_PROBES), "faithfulness: random output directions of the Jacobian cosine (0 = exact)"),
+    "SNAPSHOT_TOKENS": (_make(SNAPSHOT_TOKENS), "train: weight snapshots every this many tokens for `make emergence` (0: none)"),
+})
+
 
 # ---- distributed training (issue 14): `make train NPROC=2` --------------------------------------
 NPROC = 1                 # processes per node (torchrun); 1 = no launcher

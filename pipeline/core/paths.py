@@ -369,3 +369,17 @@ def _words(assignments: dict[str, object]) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----- interpretability scores and diagnostics (issue 12) ------------------------------------
+
+def snapshots_dir(checkpoint_dir: Path) -> Path:
+    """Weight snapshots taken during the training of a checkpoint (beside it: a finished checkpoint
+    folder is swapped in whole, so they cannot live inside it)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return checkpoint_dir.parent / ".snapshots" / checkpoint_dir.name
+
+
+def interp_dir(data_dir: Path, lm: str, data: str, ctx: int) -> Path:
+    """autointerp/, faithfulness/, tail/, emergence/ results (one folder per method inside each)."""
+    return Path(data_dir) / "interp" / lm_key(lm) / data_key(data) / f"ctx{ctx}"

@@ -38,6 +38,9 @@ class TrainConfig:
     min_log_points: int = 50  # curves get at least this many points whatever the run's length
     wandb: str = "offline"
     progress: bool = True
+    # Snapshots of the weights every this many training tokens, for the emergence analysis
+    # (pipeline.train.snapshots); 0: none. Not part of the result either.
+    snapshot_tokens: int = 0
 
     def __post_init__(self):
         if self.tokens < self.batch_size:
@@ -52,6 +55,8 @@ class TrainConfig:
             raise UserError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if self.grad_clip <= 0:
             raise UserError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.snapshot_tokens < 0:
+            raise UserError(f"SNAPSHOT_TOKENS must be >= 0 (0: no snapshots), got {self.snapshot_tokens}")
         if self.wandb not in WANDB_MODES:
             raise UserError(f"WANDB must be one of {', '.join(WANDB_MODES)}, got {self.wandb!r}")
 
@@ -73,6 +78,7 @@ class TrainConfig:
 
     def result_fields(self) -> dict:
         skip = {"checkpoint_every_s", "checkpoint_every_steps", "log_every", "min_log_points", "wandb", "progress"}
+        skip |= {"snapshot_tokens"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 

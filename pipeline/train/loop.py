@@ -36,6 +36,7 @@ from pipeline.methods.base import StepOutput, TrainJob, as_keys, select
 from pipeline.train import distributed, resume
 from pipeline.train.config import TrainConfig, default_lr, lr_at
 from pipeline.train.log import RunLogger
+from pipeline.train.snapshots import snapshot_due, save_snapshots
 
 SaveFn = Callable[[TrainJob, dict, list[dict]], None]
 
@@ -295,6 +296,8 @@ def _loop(run: _Run, loader: ActivationLoader, logger: RunLogger, interrupted: d
             logger.log(row, run.step)
             _show(bar, run, tokens_done / (time.perf_counter() - t0))
         bar.update(1)
+        if run.is_main and snapshot_due(cfg, run.step):  # rank 0 writes for all
+            save_snapshots(run.jobs, run.step, run.step * cfg.batch_size)
         due = (cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0) or \
             time.perf_counter() - last_save >= cfg.checkpoint_every_s
         # one rank may see a signal, or the clock, a step before another: all act on the same step
