@@ -16,6 +16,9 @@ import pytest
 from stages.common import quiet_libraries
 
 REPO = Path(__file__).resolve().parents[1]
+# tests/interop runs in its own environment (make test-interop); left out here, its conftest would
+# also shadow this one's name for `from conftest import ...`
+collect_ignore = ["interop"]
 quiet_libraries()
 
 
