@@ -16,7 +16,7 @@ import typer
 
 from pipeline.core import defaults
 from pipeline.core.errors import UserError
-from stages.common import stage
+from stages.common import cached, gathered, plain, stage
 
 CKPT_HELP = "checkpoint directory, folder of checkpoints, or quoted glob (repeatable)"
 
@@ -49,35 +49,6 @@ class Setup:
     def identity(self, method) -> dict:
         return {"checkpoints": method.info.get("checkpoints"), "train": method.info.get("train"),
                 "store": self.store.content_hash, "lm_weights_sha256": self.lm.weights_sha256}
-
-
-def _plain(obj):
-    from pipeline.eval.reference import json_default
-
-    return json.loads(json.dumps(obj, default=json_default))
-
-
-def cached(path: Path, identity: dict, params: dict, compute: Callable[[], dict], force: bool = False) -> tuple[dict, bool]:
-    """The result saved at ``path`` for this identity and these params, else computed and saved."""
-    from pipeline.core.io import write_json_atomic
-
-    if path.exists() and not force:
-        saved = json.loads(path.read_text())
-        if saved.get("identity") == _plain(identity) and saved.get("params") == _plain(params):
-            return saved["result"], True
-    result = _plain(compute())
-    write_json_atomic(path, {"identity": _plain(identity), "params": _plain(params), "result": result})
-    return result, False
-
-
-def gathered(folder: Path, params: dict, first: list[str]) -> dict[str, dict]:
-    """Every method's result under ``folder`` computed with the same ``params``; ``first`` in order, then the rest."""
-    found = {}
-    for path in sorted(folder.glob("*/result.json")):
-        saved = json.loads(path.read_text())
-        if saved.get("params") == _plain(params):
-            found[path.parent.name] = saved["result"]
-    return {n: found[n] for n in [*first, *sorted(set(found) - set(first))] if n in found}
 
 
 def _print(paths) -> None:
@@ -123,7 +94,7 @@ def autointerp(
               f"intruder {summary['intruder_accuracy']['mean'] if summary['intruder_accuracy'] else float('nan'):.3f} "
               f"(chance {result['chance_intruder']:.2f})")
         print(f"autointerp: {result['verdict']['statement']}")
-    _print(write_autointerp(gathered(s.root / "autointerp", params, [m.name for _, m in s.methods]), s.report))
+    _print(write_autointerp(gathered(s.root / "autointerp", "result.json", params, [m.name for _, m in s.methods]), s.report))
 
 
 @stage
@@ -164,7 +135,7 @@ def faithfulness(
         e = result["feature_effects"]
         print(f"faithfulness: {method.name}: {'cached' if hit else 'done'}; Jacobian cosine {per_layer}; "
               f"top-increase agreement {e['top_increase_agreement']} over {e['draws']} draws")
-    _print(write_faithfulness(gathered(s.root / "faithfulness", params, [m.name for _, m in s.methods]), s.report))
+    _print(write_faithfulness(gathered(s.root / "faithfulness", "result.json", params, [m.name for _, m in s.methods]), s.report))
 
 
 @stage
@@ -195,7 +166,7 @@ def tail(
                   f"{c['dce_massive_only']:.4f} + {c['dce_ordinary_only']:.4f} + {c['dce_interaction']:+.4f} interaction"
                   + (" (cached)" if hit else ""))
     merged = {"massive_factor": ref.info.get("massive_factor"), "layers": {}}
-    for name, result in gathered(s.root / f"tail-t{eval_tokens}", params, [m.name for _, m in s.methods]).items():
+    for name, result in gathered(s.root / f"tail-t{eval_tokens}", "result.json", params, [m.name for _, m in s.methods]).items():
         for l, entry in result["layers"].items():
             slot = merged["layers"].setdefault(l, {"massive": entry["massive"], "methods": {}})
             slot["methods"] |= entry["methods"]
@@ -245,7 +216,7 @@ def emergence(
     from pipeline.core.io import write_json_atomic
 
     out = s.root / "emergence" / method.name
-    write_json_atomic(out / "result.json", _plain(result))
+    write_json_atomic(out / "result.json", plain(result))
     for r in trajectory:
         print(f"emergence: {r['tokens_before']}->{r['tokens']} tokens: {r['matched']} matched, {r['born']} born, "
               f"{r['died']} died (alive {r['alive_before']}->{r['alive_after']})")

@@ -9,7 +9,7 @@ import typer
 
 from pipeline.core import defaults
 from pipeline.core.errors import UserError
-from stages.common import parse_ints, parse_numbers, stage
+from stages.common import cached, gathered, parse_ints, parse_numbers, stage
 
 CKPT_HELP = "checkpoint directory, folder of checkpoints, or quoted glob (repeatable)"
 LABEL_HELP = "label field of a local .jsonl/.parquet corpus (BBC brings its own topics)"
@@ -83,41 +83,8 @@ class Setup:
         return out
 
 
-def _plain(obj):
-    import json
-
-    from pipeline.eval.reference import json_default
-
-    return json.loads(json.dumps(obj, default=json_default))
-
-
-def _cached_rows(path: Path, identity: dict, params: dict, compute, to_json, from_json):
-    """Rows saved at ``path`` for this identity, else computed and saved (with the run's shared ``params``)."""
-    import json
-
-    from pipeline.core.io import write_json_atomic
-
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("identity") == _plain(identity) and saved.get("params") == _plain(params):
-            return from_json(saved["rows"]), True
-    rows = compute()
-    write_json_atomic(path, {"identity": _plain(identity), "params": _plain(params), "rows": to_json(rows)})
-    return rows, False
-
-
-def _gathered(folder: Path, name: str, params: dict, mine: list[str], from_json) -> list:
-    """Rows of the methods in ``mine`` (in order), then of every other method cached under ``folder`` with the
-    same shared ``params`` (earlier runs' methods join the table and the plot)."""
-    import json
-
-    found = {}
-    for path in sorted(folder.glob(f"*/{name}")):
-        saved = json.loads(path.read_text())
-        if saved.get("params") == _plain(params):
-            found[path.parent.name] = from_json(saved["rows"])
-    order = [m for m in mine if m in found] + sorted(m for m in found if m not in mine)
-    return [r for m in order for r in found[m]]
+def _flat(by_method: dict) -> list:
+    return [row for rows in by_method.values() for row in rows]
 
 
 COMMON = dict(
@@ -160,11 +127,11 @@ def ablate_topics(
               "eval_tokens": canonical_hash(ev.tokens.tolist())}
     for units, sel, sel_identity in selections:
         read = sel.rows
-        _, cached = _cached_rows(folder / units.name / "ablation.json", sel_identity, params,
-                                 lambda: run(s.lm, ev, units, sel, ns, seed, progress),
-                                 rows_to_json, rows_from_json)
-        print(f"ablate-topics: {units.name}: {'cached' if cached else 'done'}")
-    rows = _gathered(folder, "ablation.json", params, [u.name for u, _, _ in selections], rows_from_json)
+        _, hit = cached(folder / units.name / "ablation.json", sel_identity, params,
+                        lambda: run(s.lm, ev, units, sel, ns, seed, progress),
+                        key="rows", to_json=rows_to_json, from_json=rows_from_json)
+        print(f"ablate-topics: {units.name}: {'cached' if hit else 'done'}")
+    rows = _flat(gathered(folder, "ablation.json", params, [u.name for u, _, _ in selections], "rows", rows_from_json))
     caption = (f"{s.cfg.lm} · {s.cfg.data} · ctx {s.cfg.ctx} · {ev.tokens.shape[0]} held-out windows, topics in turn "
                f"({eval_tokens} tokens) · units chosen by AUROC of the {pool} activation per document over "
                f"{read} training rows")
@@ -219,11 +186,11 @@ def steer(
     params = {**s.params, "alphas": sweep, "mode": mode, "prompts": chosen, "new_tokens": new_tokens,
               "classifier": clf.heldout_accuracy}
     for units, sel, sel_identity in selections:
-        _, cached = _cached_rows(folder / units.name / f"{mode}.json", sel_identity, params,
-                                 lambda: run(s.lm, units, sel, clf, sweep, mode, chosen, new_tokens, progress),
-                                 rows_to_json, rows_from_json)
-        print(f"steer: {units.name}: {'cached' if cached else 'done'}")
-    rows = _gathered(folder, f"{mode}.json", params, [u.name for u, _, _ in selections], rows_from_json)
+        _, hit = cached(folder / units.name / f"{mode}.json", sel_identity, params,
+                        lambda: run(s.lm, units, sel, clf, sweep, mode, chosen, new_tokens, progress),
+                        key="rows", to_json=rows_to_json, from_json=rows_from_json)
+        print(f"steer: {units.name}: {'cached' if hit else 'done'}")
+    rows = _flat(gathered(folder, f"{mode}.json", params, [u.name for u, _, _ in selections], "rows", rows_from_json))
     caption = (f"{s.cfg.lm} · {s.cfg.data} · {mode} α·max|act| of each topic's top-AUROC unit · {prompts} neutral "
                f"prompts × {new_tokens} greedy tokens · classifier held-out accuracy {clf.heldout_accuracy:.3f}")
     for path in write_steering(rows, out_dir or folder / "report", caption, concept):
